@@ -1,0 +1,213 @@
+"""The compressor interface: two stages, declared signals, plain-tensor inputs and outputs.
+
+A compressor can act at two points of the LLaVA-NeXT pipeline; it overrides the hook of the stage
+it uses and inherits the pass-through for the other one:
+
+* **vision stage** (``compress_vision``): sees one image's projected tile features with its AnyRes
+  layout and returns the token segment spliced into the prompt (GlobalCom2, random, pooling, ...).
+* **LLM stage** (``llm_layer`` + ``select_llm_tokens``): at the input of decoder layer K, during
+  prefill, picks which sequence positions the layers from K on keep (FastV, ...).
+
+Expensive signals (a vision layer's [CLS] attention, the last prompt token's attention inside the
+LLM) are computed by the pipeline only when a compressor lists them in ``vision_signals`` /
+``llm_signals``; the default path keeps SDPA everywhere and computes nothing extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from compressors.geometry import NEWLINE_SOURCE, AnyResLayout
+
+# ---------------------------------------------------------------------------------------------
+# Signals a compressor may ask for
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClsAttention:
+    """Pre-softmax [CLS]-query attention logits of one vision-tower layer, per head.
+
+    Value in ``VisionInput.signals[request]``: ``[num_tiles, heads, 1 + side**2]`` holding
+    ``(q_cls * scale) . k_j`` for every key j (column 0 is the [CLS] key itself), computed from
+    that layer's normed input. ``layer`` indexes ``vision_tower.encoder.layers`` (negative from
+    the end: -1 is the last layer).
+    """
+
+    layer: int = -1
+
+
+@dataclass(frozen=True)
+class LastTokenAttention:
+    """Post-softmax attention of the last prompt token at decoder layer ``llm_layer - 1``, per head.
+
+    Value in ``LLMInput.attention``: ``[batch, heads, seq]`` (rows sum to 1 over unmasked keys).
+    """
+
+
+VisionSignal = ClsAttention
+LLMSignal = LastTokenAttention
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage inputs and outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionInput:
+    """One image, as the vision stage sees it.
+
+    Attributes:
+        features: ``[num_tiles, side**2, D]`` projected tile features, thumbnail first, crops
+            row-major (``layout.num_tiles`` tiles).
+        layout: crop grid, token side and original image size.
+        newline: ``[D]`` the model's ``image_newline`` embedding.
+        signals: the values of the compressor's ``vision_signals`` requests.
+        sample_seed: a stable per-sample integer; compressors that draw random numbers seed from it
+            so a resumed run draws exactly what an uninterrupted one would.
+    """
+
+    features: torch.Tensor
+    layout: AnyResLayout
+    newline: torch.Tensor
+    signals: dict[Any, torch.Tensor] = field(default_factory=dict)
+    sample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        expected = (self.layout.num_tiles, self.layout.tokens_per_tile)
+        if self.features.dim() != 3 or tuple(self.features.shape[:2]) != expected:
+            raise ValueError(
+                f"features must be [num_tiles={expected[0]}, side**2={expected[1]}, D] for layout "
+                f"{self.layout.rows}x{self.layout.cols}; got {tuple(self.features.shape)}"
+            )
+
+
+@dataclass
+class Provenance:
+    """Which source tokens each output token came from, as (output position, source id) pairs.
+
+    Pruning gives one pair per kept token; pooling or merging gives one pair per member of the
+    window. ``image_newline`` tokens have no source and no pair. Source ids are defined in
+    ``compressors.geometry`` (``tile * side**2 + patch``).
+    """
+
+    token: torch.Tensor  # [M] long, position in the output segment
+    source: torch.Tensor  # [M] long, source id
+
+    @staticmethod
+    def one_to_one(source: torch.Tensor) -> "Provenance":
+        """Provenance of a segment whose token i came from ``source[i]`` (-1 for newlines)."""
+        positions = torch.arange(source.numel(), device=source.device)
+        real = source != NEWLINE_SOURCE
+        return Provenance(token=positions[real], source=source[real])
+
+    def select(self, kept_positions: torch.Tensor, length: int) -> "Provenance":
+        """Provenance after keeping ``kept_positions`` (sorted) of a ``length``-token segment."""
+        new_index = torch.full((length,), -1, dtype=torch.long, device=self.token.device)
+        new_index[kept_positions] = torch.arange(kept_positions.numel(), device=self.token.device)
+        mapped = new_index[self.token]
+        keep = mapped >= 0
+        return Provenance(token=mapped[keep], source=self.source[keep])
+
+
+@dataclass
+class VisionOutput:
+    """The token segment one image contributes to the prompt.
+
+    Attributes:
+        embeds: ``[K, D]`` tokens in the order they are spliced at the ``<image>`` position.
+        provenance: which source tokens each of the K tokens came from.
+        num_newlines: how many of the K tokens are ``image_newline``.
+    """
+
+    embeds: torch.Tensor
+    provenance: Provenance
+    num_newlines: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+@dataclass
+class LLMInput:
+    """The prefill sequence at the input of decoder layer ``llm_layer`` (batch size 1).
+
+    Attributes:
+        hidden_states: ``[1, L, D]`` input of layer K.
+        image_mask: ``[1, L]`` bool, True at image-token positions (thumbnail, crops, newlines).
+        position_ids: ``[1, L]`` position ids of the sequence.
+        attention: ``[1, heads, L]`` the ``LastTokenAttention`` value, if requested, else None.
+    """
+
+    hidden_states: torch.Tensor
+    image_mask: torch.Tensor
+    position_ids: torch.Tensor
+    attention: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The base class
+# ---------------------------------------------------------------------------------------------
+
+
+def check_ratio(ratio: Any) -> float:
+    """Validate a retention ratio: a number in (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise ValueError(f"compressor.ratio must be a number in (0, 1], got {ratio!r}")
+    if not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"compressor.ratio must be in (0, 1] (the fraction of visual tokens kept), got {ratio}")
+    return float(ratio)
+
+
+class Compressor:
+    """Base class: pass-through at both stages. Subclasses override the stage they act at.
+
+    Class attributes:
+        name: registry name (set by ``@register_compressor``).
+        identity_at_full_ratio: True when ``ratio=1`` must reproduce the uncompressed model
+            exactly; the test suite checks it for every compressor that claims it.
+        vision_signals / llm_signals: the signals the pipeline must compute for this compressor.
+        llm_layer: decoder layer K at whose input ``select_llm_tokens`` runs; None = no LLM stage.
+    """
+
+    name: ClassVar[str] = ""
+    identity_at_full_ratio: ClassVar[bool] = True
+
+    def __init__(self, ratio: float = 1.0) -> None:
+        self.ratio = check_ratio(ratio)
+
+    # -- vision stage ----------------------------------------------------------------------------
+    @property
+    def vision_signals(self) -> tuple[VisionSignal, ...]:
+        return ()
+
+    def compress_vision(self, inp: VisionInput) -> VisionOutput:
+        """Default: vanilla LLaVA-NeXT packing (thumbnail, unpadded crops, a newline per row)."""
+        from compressors.packing import pack_spatial
+
+        return pack_spatial(inp.features, inp.layout, inp.newline)
+
+    # -- LLM stage -------------------------------------------------------------------------------
+    llm_layer: int | None = None
+
+    @property
+    def llm_signals(self) -> tuple[LLMSignal, ...]:
+        return ()
+
+    def select_llm_tokens(self, inp: LLMInput) -> torch.Tensor:
+        """Sorted sequence positions ``[L']`` that layers ``llm_layer..`` keep. Default: all."""
+        return torch.arange(inp.hidden_states.shape[1], device=inp.hidden_states.device)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The settings that define this compressor, for logs and result files."""
+        return {"name": self.name, "ratio": self.ratio}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
+        return f"{type(self).__name__}({args})"

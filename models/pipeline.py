@@ -1,0 +1,229 @@
+"""LLaVA-NeXT inference with a compressor, on transformers' own modules and ``generate``.
+
+processor -> vision tower (thumbnail + crops) -> feature layer -> projector -> vision-stage
+compressor (sees the AnyRes layout) -> ``k`` ``<image>`` placeholders in the prompt, the kept
+tokens passed as ``mm_encoder_outputs`` -> prefill (with the LLM-stage hook when the compressor
+has one) -> greedy decoding with the KV cache. With ``compressor=none`` this produces exactly the
+tokens of ``LlavaNextForConditionalGeneration.generate`` on the processor's inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from compressors.base import Compressor, Provenance, VisionInput, VisionOutput
+from compressors.geometry import AnyResLayout, layout_for_image
+from models.llm_stage import LLMStagePruning
+from models.prompts import format_prompt
+from models.vision import encode_tiles
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PrefillClock(LogitsProcessor):
+    """Notes when ``generate`` first asks for logits processing: the end of the prefill forward."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.first_call: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first_call is None:
+            _synchronize(self.device)
+            self.first_call = time.perf_counter()
+        return scores
+
+
+def splice_image_tokens(input_ids: torch.Tensor, image_token_id: int, count: int) -> torch.Tensor:
+    """Replace the prompt's single run of ``<image>`` placeholders by ``count`` placeholders.
+
+    Args:
+        input_ids: ``[1, N]`` processor output (the run has the vanilla token count).
+    Returns:
+        ``[1, N - run + count]``.
+    """
+    positions = (input_ids[0] == image_token_id).nonzero().flatten()
+    if positions.numel() == 0:
+        raise ValueError("the prompt has no <image> placeholder")
+    start, end = int(positions[0]), int(positions[-1]) + 1
+    if end - start != positions.numel():
+        raise ValueError("the prompt must hold exactly one image (one contiguous run of <image> tokens)")
+    placeholders = torch.full((1, count), image_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids[:, :start], placeholders, input_ids[:, end:]], dim=1)
+
+
+@dataclass
+class GenerationResult:
+    """One answer and what it cost.
+
+    Token counts are per image: ``before`` = vanilla LLaVA-NeXT's count; ``spliced`` = tokens
+    placed at ``<image>`` (after the vision stage); ``after`` = visual tokens the last decoder
+    layers see (after the LLM stage, if any); ``layer_mean`` = visual tokens averaged over decoder
+    layers (the convention FastV-style papers quote).
+    """
+
+    text: str
+    new_tokens: int
+    prompt_tokens: int
+    layout: AnyResLayout
+    visual_tokens_before: int
+    visual_tokens_spliced: int
+    visual_tokens_after: int
+    visual_tokens_layer_mean: float
+    provenance: Provenance
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedPrompt:
+    """The compressed prompt, ready for the language model."""
+
+    input_ids: torch.Tensor  # [1, N'] with segment.num_tokens <image> placeholders
+    layout: AnyResLayout
+    segment: VisionOutput
+    timings: dict[str, float]
+
+
+class LlavaNextPipeline:
+    """A loaded LLaVA-NeXT model + processor that answers one image question at a time."""
+
+    def __init__(self, model, processor, prompt_format: str = "vicuna_v1") -> None:
+        format_prompt("", prompt_format)  # fail fast on an unknown format
+        self.model = model
+        self.processor = processor
+        self.prompt_format = prompt_format
+        config = model.config
+        self.image_token_id = config.image_token_id
+        self.tile_px = config.vision_config.image_size
+        self.patch_px = config.vision_config.patch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.language_model.embed_tokens.weight.device
+
+    def processor_inputs(self, image: Image.Image, question: str):
+        """The processor's tensors for one image question (placeholders already expanded)."""
+        prompt = format_prompt(question, self.prompt_format)
+        return self.processor(images=image, text=prompt, return_tensors="pt")
+
+    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Greedy decoding, one beam, the model's own eos/pad ids."""
+        base = self.model.generation_config
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id, bos_token_id=base.bos_token_id,
+        )
+
+    @torch.inference_mode()
+    def prepare(self, image: Image.Image, question: str, compressor: Compressor, sample_seed: int = 0) -> PreparedPrompt:
+        """Everything up to the LLM: tiles -> features -> vision-stage compressor -> spliced prompt."""
+        device = self.device
+        inputs = self.processor_inputs(image, question)
+        layout = layout_for_image(tuple(inputs["image_sizes"][0].tolist()), self.model.config.image_grid_pinpoints,
+                                  self.tile_px, self.patch_px)
+        tiles = inputs["pixel_values"][0, : layout.num_tiles]  # [T, 3, 336, 336]; batch padding tiles dropped
+        timings: dict[str, float] = {}
+
+        _synchronize(device)
+        start = time.perf_counter()
+        features, signals = encode_tiles(self.model, tiles, compressor.vision_signals)  # [T, 576, D]
+        _synchronize(device)
+        timings["vision_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        segment = compressor.compress_vision(
+            VisionInput(features=features, layout=layout, newline=self.model.model.image_newline,
+                        signals=signals, sample_seed=sample_seed)
+        )
+        _synchronize(device)
+        timings["compress_s"] = time.perf_counter() - start
+
+        input_ids = splice_image_tokens(inputs["input_ids"], self.image_token_id, segment.num_tokens).to(device)
+        return PreparedPrompt(input_ids=input_ids, layout=layout, segment=segment, timings=timings)
+
+    def _llm_stage(self, compressor: Compressor, prepared: PreparedPrompt):
+        if compressor.llm_layer is None:
+            return contextlib.nullcontext()
+        image_mask = prepared.input_ids == self.image_token_id  # [1, N']
+        return LLMStagePruning(self.model.model.language_model, compressor, image_mask)
+
+    def _model_inputs(self, prepared: PreparedPrompt) -> dict:
+        return {
+            "input_ids": prepared.input_ids,
+            "attention_mask": torch.ones_like(prepared.input_ids),
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[prepared.segment.embeds])},
+        }
+
+    @torch.inference_mode()
+    def prefill_logits(self, image: Image.Image, question: str, compressor: Compressor,
+                       sample_seed: int = 0) -> torch.Tensor:
+        """Logits of one forward pass over the compressed prompt, ``[1, N', vocab]`` (for checks)."""
+        prepared = self.prepare(image, question, compressor, sample_seed)
+        with self._llm_stage(compressor, prepared):
+            return self.model(**self._model_inputs(prepared)).logits
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        image: Image.Image,
+        question: str,
+        compressor: Compressor,
+        max_new_tokens: int,
+        sample_seed: int = 0,
+    ) -> GenerationResult:
+        """Answer ``question`` about ``image`` with ``compressor`` applied; greedy, batch size 1."""
+        device = self.device
+        prepared = self.prepare(image, question, compressor, sample_seed)
+        stage = self._llm_stage(compressor, prepared)
+        clock = _PrefillClock(device)
+        _synchronize(device)
+        start = time.perf_counter()
+        with stage:
+            output = self.model.generate(
+                **self._model_inputs(prepared),
+                generation_config=self.generation_config(max_new_tokens),
+                logits_processor=LogitsProcessorList([clock]),
+            )
+        _synchronize(device)
+        end = time.perf_counter()
+        timings = dict(prepared.timings)
+        timings["prefill_s"] = (clock.first_call or end) - start
+        timings["decode_s"] = end - (clock.first_call or end)
+
+        input_ids = prepared.input_ids
+        new_ids = output[0, input_ids.shape[1]:]
+        text = self.processor.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        spliced = prepared.segment.num_tokens
+        provenance = prepared.segment.provenance
+        after, layer_mean = spliced, float(spliced)
+        if isinstance(stage, LLMStagePruning):
+            record = stage.record
+            after = record.kept_image_tokens
+            num_layers = len(record.layer_lengths)
+            layer_mean = (stage.layer * spliced + (num_layers - stage.layer) * after) / num_layers
+            image_mask = input_ids[0] == self.image_token_id
+            segment_start = int(image_mask.nonzero()[0])
+            kept_in_segment = record.keep[image_mask[record.keep]] - segment_start
+            provenance = provenance.select(kept_in_segment, spliced)
+        return GenerationResult(
+            text=text,
+            new_tokens=int(new_ids.numel()),
+            prompt_tokens=int(input_ids.shape[1]),
+            layout=prepared.layout,
+            visual_tokens_before=prepared.layout.vanilla_token_count(),
+            visual_tokens_spliced=spliced,
+            visual_tokens_after=after,
+            visual_tokens_layer_mean=layer_mean,
+            provenance=provenance,
+            timings=timings,
+        )

@@ -1,0 +1,93 @@
+"""Tile features and vision-side signals from LLaVA-NeXT's own modules, computing only what is asked.
+
+``encode_tiles`` runs the CLIP tower layer by layer and stops at the deepest layer anything needs:
+vanilla LLaVA-NeXT reads ``hidden_states[-2]``, so the last CLIP layer never has to run. A
+``ClsAttention(layer=l)`` request costs one [CLS]-row query and one key projection of layer l's
+normed input; no attention map is materialised and the tower keeps its SDPA attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from compressors.base import ClsAttention
+
+
+def _resolve_index(index: int, size: int, what: str) -> int:
+    """Python-style index (negative from the end) into something of ``size`` entries."""
+    if not -size <= index < size:
+        raise ValueError(f"{what} {index} is out of range; allowed: {-size}..{size - 1}")
+    return index % size
+
+
+def cls_attention_logits(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax [CLS]-query logits of one CLIP encoder layer, per head.
+
+    Args:
+        layer: a ``CLIPEncoderLayer``.
+        hidden: ``[T, 1 + P, C]`` the layer's input.
+    Returns:
+        ``[T, heads, 1 + P]``: ``(q_cls * scale) . k_j`` in the model dtype (q scaled before the
+        product, as GlobalCom2's custom attention does).
+    """
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden)  # [T, 1+P, C]
+    tiles, tokens, _ = normed.shape
+    query = attn.q_proj(normed[:, :1]) * attn.scale  # [T, 1, C]
+    key = attn.k_proj(normed)  # [T, 1+P, C]
+    query = query.view(tiles, 1, attn.num_heads, attn.head_dim)  # [T, 1, H, d]
+    key = key.view(tiles, tokens, attn.num_heads, attn.head_dim)  # [T, 1+P, H, d]
+    return torch.einsum("tqhd,tkhd->thk", query, key)  # [T, H, 1+P]
+
+
+@torch.no_grad()
+def encode_tiles(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    requests: Iterable[ClsAttention] = (),
+) -> tuple[torch.Tensor, dict[ClsAttention, torch.Tensor]]:
+    """Projected tile features and the requested [CLS]-attention signals.
+
+    Args:
+        model: a ``LlavaNextForConditionalGeneration``.
+        pixel_values: ``[T, 3, 336, 336]`` one image's tiles (thumbnail first).
+        requests: ``ClsAttention`` signals to compute.
+    Returns:
+        features: ``[T, P, D]`` projector outputs of ``vision_feature_layer`` without [CLS]
+            (P = 576 at 336 px / patch 14; D = the LLM width).
+        signals: ``{request: [T, heads, 1 + P]}``.
+    """
+    config = model.config
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not supported; "
+            "allowed: 'default' (LLaVA-NeXT drops [CLS])"
+        )
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(f"only a single vision_feature_layer is supported, got {config.vision_feature_layer!r}")
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    num_layers = len(layers)
+
+    # hidden_states[i] is the input of encoder layer i (i = 0..num_layers; the last is the output)
+    feature_index = _resolve_index(config.vision_feature_layer, num_layers + 1, "vision_feature_layer")
+    probes = {req: _resolve_index(req.layer, num_layers, "ClsAttention layer") for req in requests}
+    deepest = max([feature_index, *probes.values()])
+
+    pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # [T, 1+P, C] = hidden_states[0]
+    signals: dict[ClsAttention, torch.Tensor] = {}
+    selected = hidden
+    for index in range(deepest + 1):
+        for req, probe_index in probes.items():
+            if probe_index == index:
+                signals[req] = cls_attention_logits(layers[index], hidden)
+        if index == feature_index:
+            selected = hidden
+        if index < deepest:
+            hidden = layers[index](hidden, attention_mask=None)
+    features = model.model.multi_modal_projector(selected[:, 1:])  # [T, P, D]
+    return features, signals

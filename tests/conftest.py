@@ -1,0 +1,68 @@
+"""Shared fixtures: the tiny model, images for every AnyRes grid, synthetic vision-stage inputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import compressors  # noqa: F401  (registers every compressor)
+from compressors import AnyResLayout, ClsAttention, Compressor, VisionInput
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# (height, width) -> the grid transformers' processor gives it with LLaVA-NeXT-vicuna's pinpoints
+IMAGE_SIZES = {
+    "2x2": (672, 672),
+    "2x2-padded": (480, 640),
+    "1x2": (400, 800),
+    "2x1": (800, 400),
+    "1x3": (300, 1000),
+    "3x1": (1000, 300),
+}
+
+# Grids (rows, cols) and odd image sizes (H, W) for pure-tensor property tests; 2x3 is forced.
+PROPERTY_LAYOUTS = [
+    AnyResLayout(1, 2, 24, (397, 811)),
+    AnyResLayout(2, 1, 24, (809, 401)),
+    AnyResLayout(2, 2, 24, (673, 671)),
+    AnyResLayout(2, 2, 24, (481, 641)),
+    AnyResLayout(1, 3, 24, (301, 1003)),
+    AnyResLayout(3, 1, 24, (1001, 299)),
+    AnyResLayout(2, 3, 24, (555, 999)),
+]
+RATIOS = [1.0, 0.75, 0.5, 0.25, 0.1]
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def vision_input(layout: AnyResLayout, compressor: Compressor, dim: int = 16, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> VisionInput:
+    """Random features, newline and every signal ``compressor`` asks for."""
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(layout.num_tiles, layout.tokens_per_tile, dim, generator=gen).to(dtype)
+    signals = {}
+    for request in compressor.vision_signals:
+        assert isinstance(request, ClsAttention)
+        signals[request] = torch.randn(layout.num_tiles, 4, 1 + layout.tokens_per_tile, generator=gen).to(dtype)
+    newline = torch.randn(dim, generator=gen).to(dtype)
+    return VisionInput(features=features, layout=layout, newline=newline, signals=signals, sample_seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded tiny LLaVA-NeXT pipeline (seed 0)."""
+    from models import build_pipeline
+
+    return build_pipeline({"loader": "tiny", "name": "tiny", "seed": 0})
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, Image.Image]:
+    return {grid: random_image(h, w, seed=i) for i, (grid, (h, w)) in enumerate(IMAGE_SIZES.items())}

@@ -1,0 +1,93 @@
+"""Every config composes, builds, and fails early and clearly on bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+import runners.resolvers  # noqa: F401
+import runners.schema  # noqa: F401
+from benchmarks import build_benchmark
+from compressors import build_compressor
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture()
+def compose_cfg():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides=(), **kw: compose(config_name="config", overrides=list(overrides), **kw)
+    GlobalHydra.instance().clear()
+
+
+def test_defaults_compose(compose_cfg):
+    cfg = compose_cfg()
+    assert cfg.model.name == "tiny" and cfg.compressor.name == "none" and cfg.benchmark.name == "synthetic"
+    assert cfg.resume is True
+
+
+@pytest.mark.parametrize("compressor", _options("compressor"))
+@pytest.mark.parametrize("benchmark", _options("benchmark"))
+def test_every_compressor_and_benchmark_composes_and_builds(compose_cfg, compressor, benchmark):
+    cfg = compose_cfg([f"compressor={compressor}", f"benchmark={benchmark}"])
+    build_compressor(OmegaConf.to_container(cfg.compressor, resolve=True))
+    build_benchmark(OmegaConf.to_container(cfg.benchmark, resolve=True))
+
+
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_model_composes(compose_cfg, model):
+    cfg = compose_cfg([f"model={model}"])
+    assert cfg.model.name == model
+    if cfg.model.loader == "local":
+        assert cfg.model.hub_id.startswith("llava-hf/")
+        assert cfg.model.path.endswith(cfg.model.hub_id.split("/")[1])
+        assert cfg.model.prompt_format == ("mistral_instruct" if "mistral" in model else "vicuna_v1")
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(compose_cfg, experiment):
+    cfg = compose_cfg([f"experiment={experiment}"])
+    build_compressor(OmegaConf.to_container(cfg.compressor, resolve=True))
+
+
+def test_schema_rejects_bad_types_and_keys(compose_cfg):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["model=llava_next_7b", "model.dtype=fp16"])  # not one of float16/bfloat16/float32/auto
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["model.dtpye=float16"])  # typo: not in the schema
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["resume=maybe"])
+    with pytest.raises(ConfigCompositionException, match="Available options"):
+        compose_cfg(["compressor=globalcom3"])
+
+
+def test_bad_compressor_values_fail_in_build(compose_cfg):
+    cfg = compose_cfg(["compressor=random", "compressor.ratio=1.5"])
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        build_compressor(OmegaConf.to_container(cfg.compressor))
+    cfg = compose_cfg(["compressor=random", "+compressor.ratoi=0.5"])
+    with pytest.raises(ValueError, match="Did you mean 'ratio'"):
+        build_compressor(OmegaConf.to_container(cfg.compressor))
+
+
+def test_run_directories_come_from_the_overrides(compose_cfg):
+    cfg = compose_cfg(["compressor=random", "compressor.ratio=0.5", "progress=false"], return_hydra_config=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
+    assert run_dir == "outputs/runs/tiny/synthetic/compressor.ratio=0.5,compressor=random"
+    default = compose_cfg([], return_hydra_config=True)
+    HydraConfig.instance().set_config(default)
+    assert OmegaConf.to_container(default.hydra.run, resolve=True)["dir"] == "outputs/runs/tiny/synthetic/default"

@@ -1,0 +1,136 @@
+"""FastV against its definition: selection by hand, the authors' rounding, and decoding with the KV cache
+checked step by step against an independent cache-free token-mask reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compressors import build_compressor
+from compressors.fastv import fastv_keep_count, fastv_select
+from models.llm_stage import LLMStagePruning
+
+QUESTION = "How many squares are there?\nAnswer the question using a single word or phrase."
+
+
+def test_selection_by_hand():
+    # 10 positions: text 0-1, image 2-7, text 8-9. Head-mean attention from the last token:
+    #   head 0: [.0 .0 .1 .4 .0 .2 .0 .1 .1 .1]   head 1: [.0 .0 .3 .0 .0 .2 .2 .1 .1 .1]
+    #   mean on image positions 2..7: [.2 .2 .0 .2 .1 .1] -> keep round(6 * 0.5) = 3: positions 2, 3, 5
+    attention = torch.tensor([[0, 0, .1, .4, 0, .2, 0, .1, .1, .1], [0, 0, .3, 0, 0, .2, .2, .1, .1, .1]])
+    image_mask = torch.zeros(10, dtype=torch.bool)
+    image_mask[2:8] = True
+    assert fastv_select(attention, image_mask, 0.5).tolist() == [0, 1, 2, 3, 5, 8, 9]
+    assert fastv_select(attention, image_mask, 1.0).tolist() == list(range(10))
+    # one token: the single best image token (2, 3 and 5 tie at .2 -> any of them), plus all text
+    one = fastv_select(attention, image_mask, 1 / 6).tolist()
+    assert one[:2] == [0, 1] and one[-2:] == [8, 9] and one[2] in (2, 3, 5) and len(one) == 5
+
+
+def test_keep_count_follows_the_authors_arithmetic():
+    # authors: round(L * (1 - R)) with R the dropped fraction; here R = 1 - r in floats.
+    assert fastv_keep_count(2928, 0.5) == 1464
+    assert fastv_keep_count(1752, 0.25) == 438
+    assert fastv_keep_count(15, 0.1) == 1  # 1 - 0.9 = 0.0999..., so 15 * it = 1.4999... -> 1 (not round(1.5) = 2)
+    assert fastv_keep_count(5, 0.1) == 0  # Python's round(0.5) = 0
+
+
+def test_bad_layer_values():
+    for bad in (0, -1, 2.5, "2", True):
+        with pytest.raises(ValueError, match="compressor.layer"):
+            build_compressor({"name": "fastv", "layer": bad})
+
+
+def test_layer_out_of_range_for_the_model(tiny, images):
+    with pytest.raises(ValueError, match=r"llm_layer must be in 1..3"):
+        tiny.generate(images["1x2"], QUESTION, build_compressor({"name": "fastv", "layer": 4}), 2)
+
+
+def test_attention_row_equals_eager(tiny, images):
+    eager = copy.deepcopy(tiny.model)
+    eager.config.text_config._attn_implementation = "eager"
+    inputs = tiny.processor_inputs(images["2x1"], QUESTION)
+    image_mask = inputs["input_ids"] == tiny.image_token_id
+    seen = {}
+
+    class Spy(type(build_compressor({"name": "fastv"}))):
+        def select_llm_tokens(self, inp):
+            seen["attention"] = inp.attention
+            return super().select_llm_tokens(inp)
+
+    with torch.inference_mode():
+        reference = eager(**inputs, output_attentions=True).attentions[1][:, :, -1]  # layer K-1 = 1
+        with LLMStagePruning(tiny.model.model.language_model, Spy(ratio=0.5, layer=2), image_mask):
+            tiny.model(**inputs)
+    assert torch.allclose(seen["attention"], reference, atol=1e-8)
+
+
+def _reference_logits(model, embeds, keep, prefill_length, layer_k):
+    """Cache-free FastV by masking: layers >= K may attend only to kept prefill positions and to
+    every position after the prefill (the generated tokens). Written from the definition, without
+    the pruning hook. Returns logits ``[1, N, V]``; rows of pruned positions are meaningless."""
+    lm = model.model.language_model
+    length = embeds.shape[1]
+    positions = torch.arange(length)[None]
+    cos_sin = lm.rotary_emb(embeds, positions)
+    causal = torch.ones(length, length).tril().bool()
+    allowed = torch.zeros(length, dtype=torch.bool)
+    allowed[keep] = True
+    allowed[prefill_length:] = True
+    late = (causal & allowed[None, :]) | torch.eye(length, dtype=torch.bool)
+    neg = torch.finfo(embeds.dtype).min
+    masks = [torch.zeros(length, length).masked_fill(~m, neg)[None, None] for m in (causal, late)]
+    hidden = embeds
+    for index, layer in enumerate(lm.layers):
+        hidden = layer(hidden, attention_mask=masks[int(index >= layer_k)], position_embeddings=cos_sin,
+                       position_ids=positions)
+    return model.lm_head(lm.norm(hidden))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.1])
+def test_cached_decoding_equals_cache_free_masked_recomputation(tiny, images, ratio):
+    model = tiny.model
+    fastv = build_compressor({"name": "fastv", "ratio": ratio, "layer": 2})
+    prepared = tiny.prepare(images["2x2-padded"], QUESTION, fastv)
+    steps = 8
+    with torch.inference_mode():
+        stage = tiny._llm_stage(fastv, prepared)
+        with stage:
+            out = model.generate(**tiny._model_inputs(prepared), generation_config=tiny.generation_config(steps),
+                                 output_logits=True, return_dict_in_generate=True)
+        record = stage.record
+        prompt = prepared.input_ids
+        length = prompt.shape[1]
+        generated = out.sequences[0, length:]
+        # KV cache: layers < K hold every position, layers >= K only the kept ones (+ new tokens)
+        cache_lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+        kept = record.keep.numel()
+        assert cache_lengths == [length + steps - 1] * 2 + [kept + steps - 1] * 2
+        assert record.layer_lengths == [length, length, kept, kept]
+        assert record.kept_image_tokens == fastv_keep_count(prepared.segment.num_tokens, ratio)
+
+        embeds = model.get_input_embeddings()(out.sequences[:, :-1])
+        image = prompt[0] == tiny.image_token_id
+        embeds[0, :length][image] = prepared.segment.embeds
+        reference = _reference_logits(model, embeds, record.keep, length, layer_k=2)
+    for step in range(steps):
+        expected = reference[0, length - 1 + step]
+        assert torch.allclose(out.logits[step][0], expected, atol=1e-4), step
+        assert int(expected.argmax()) == int(generated[step])
+
+
+def test_kept_tokens_keep_their_original_positions(tiny, images):
+    """The pruned prefill equals the masked reference, in which every token keeps its original position id."""
+    fastv = build_compressor({"name": "fastv", "ratio": 0.25})
+    prepared = tiny.prepare(images["1x3"], QUESTION, fastv)
+    with torch.inference_mode():
+        stage = tiny._llm_stage(fastv, prepared)
+        with stage:
+            logits = tiny.model(**tiny._model_inputs(prepared)).logits[0, -1]
+        embeds = tiny.model.get_input_embeddings()(prepared.input_ids)
+        image = prepared.input_ids[0] == tiny.image_token_id
+        embeds[0][image] = prepared.segment.embeds
+        reference = _reference_logits(tiny.model, embeds, stage.record.keep, prepared.input_ids.shape[1], 2)
+    assert torch.allclose(logits, reference[0, -1], atol=1e-4)
