@@ -28,6 +28,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from compressors.base import Compressor, LastTokenAttention, LLMInput
+from models.timing import stopwatch
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, module_name: str) -> torch.Tensor:
@@ -99,6 +100,7 @@ class PruningRecord:
     prefill_length: int = 0
     kept_image_tokens: int = 0
     layer_lengths: list[int] = field(default_factory=list)
+    select_s: float = 0.0  # scoring + selection time, when timed
 
 
 class LLMStagePruning:
@@ -108,9 +110,12 @@ class LLMStagePruning:
         language_model: the ``LlamaModel``/``MistralModel`` inside LLaVA-NeXT.
         compressor: supplies ``llm_layer``, ``llm_signals`` and ``select_llm_tokens``.
         image_mask: ``[1, L]`` bool, image-token positions of the prompt that will be prefilled.
+        timed: record the scoring + selection time in ``record.select_s`` (device-synchronised,
+            for benchmarks).
     """
 
-    def __init__(self, language_model: nn.Module, compressor: Compressor, image_mask: torch.Tensor) -> None:
+    def __init__(self, language_model: nn.Module, compressor: Compressor, image_mask: torch.Tensor,
+                 timed: bool = False) -> None:
         layer = compressor.llm_layer
         num_layers = language_model.config.num_hidden_layers
         if layer is None or not 1 <= layer < num_layers:
@@ -123,6 +128,7 @@ class LLMStagePruning:
         self.image_mask = image_mask
         self.wants_attention = any(isinstance(s, LastTokenAttention) for s in compressor.llm_signals)
         self.record = PruningRecord()
+        self.timed = timed
 
     def __enter__(self) -> "LLMStagePruning":
         self.lm.forward = self._forward  # instance attribute shadows the class method
@@ -172,7 +178,10 @@ class LLMStagePruning:
         for index, layer in enumerate(lm.layers[: config.num_hidden_layers]):
             if index == self.layer:
                 if prefill:
-                    keep = self._select(hidden, position_ids, position_embeddings, attention_mask, probe)
+                    timings = {} if self.timed else None
+                    with stopwatch(timings, "select_s", hidden.device):
+                        keep = self._select(hidden, position_ids, position_embeddings, attention_mask, probe)
+                    self.record.select_s = timings["select_s"] if timings else 0.0
                     if probe is not None:
                         probe.remove()
                     hidden = hidden[:, keep]

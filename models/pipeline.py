@@ -22,12 +22,8 @@ from compressors.base import Compressor, Provenance, VisionInput, VisionOutput
 from compressors.geometry import AnyResLayout, layout_for_image
 from models.llm_stage import LLMStagePruning
 from models.prompts import format_prompt
+from models.timing import synchronize
 from models.vision import encode_tiles
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _PrefillClock(LogitsProcessor):
@@ -39,7 +35,7 @@ class _PrefillClock(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.first_call is None:
-            _synchronize(self.device)
+            synchronize(self.device)
             self.first_call = time.perf_counter()
         return scores
 
@@ -134,10 +130,10 @@ class LlavaNextPipeline:
         tiles = inputs["pixel_values"][0, : layout.num_tiles]  # [T, 3, 336, 336]; batch padding tiles dropped
         timings: dict[str, float] = {}
 
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         features, signals = encode_tiles(self.model, tiles, compressor.vision_signals)  # [T, 576, D]
-        _synchronize(device)
+        synchronize(device)
         timings["vision_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -145,17 +141,17 @@ class LlavaNextPipeline:
             VisionInput(features=features, layout=layout, newline=self.model.model.image_newline,
                         signals=signals, sample_seed=sample_seed)
         )
-        _synchronize(device)
+        synchronize(device)
         timings["compress_s"] = time.perf_counter() - start
 
         input_ids = splice_image_tokens(inputs["input_ids"], self.image_token_id, segment.num_tokens).to(device)
         return PreparedPrompt(input_ids=input_ids, layout=layout, segment=segment, timings=timings)
 
-    def _llm_stage(self, compressor: Compressor, prepared: PreparedPrompt):
+    def _llm_stage(self, compressor: Compressor, prepared: PreparedPrompt, timed: bool = False):
         if compressor.llm_layer is None:
             return contextlib.nullcontext()
         image_mask = prepared.input_ids == self.image_token_id  # [1, N']
-        return LLMStagePruning(self.model.model.language_model, compressor, image_mask)
+        return LLMStagePruning(self.model.model.language_model, compressor, image_mask, timed=timed)
 
     def _model_inputs(self, prepared: PreparedPrompt) -> dict:
         return {
@@ -168,9 +164,21 @@ class LlavaNextPipeline:
     def prefill_logits(self, image: Image.Image, question: str, compressor: Compressor,
                        sample_seed: int = 0) -> torch.Tensor:
         """Logits of one forward pass over the compressed prompt, ``[1, N', vocab]`` (for checks)."""
-        prepared = self.prepare(image, question, compressor, sample_seed)
-        with self._llm_stage(compressor, prepared):
-            return self.model(**self._model_inputs(prepared)).logits
+        return self.forward(self.prepare(image, question, compressor, sample_seed), compressor)
+
+    @torch.inference_mode()
+    def forward(self, prepared: PreparedPrompt, compressor: Compressor,
+                timings: dict[str, float] | None = None) -> torch.Tensor:
+        """One forward pass (the prefill) over a prepared prompt, LLM stage included: ``[1, N', vocab]``.
+
+        With ``timings``, the LLM stage's scoring + selection time is stored as ``llm_select_s``.
+        """
+        stage = self._llm_stage(compressor, prepared, timed=timings is not None)
+        with stage:
+            logits = self.model(**self._model_inputs(prepared)).logits
+        if timings is not None and isinstance(stage, LLMStagePruning):
+            timings["llm_select_s"] = stage.record.select_s
+        return logits
 
     @torch.inference_mode()
     def generate(
@@ -186,7 +194,7 @@ class LlavaNextPipeline:
         prepared = self.prepare(image, question, compressor, sample_seed)
         stage = self._llm_stage(compressor, prepared)
         clock = _PrefillClock(device)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         with stage:
             output = self.model.generate(
@@ -194,7 +202,7 @@ class LlavaNextPipeline:
                 generation_config=self.generation_config(max_new_tokens),
                 logits_processor=LogitsProcessorList([clock]),
             )
-        _synchronize(device)
+        synchronize(device)
         end = time.perf_counter()
         timings = dict(prepared.timings)
         timings["prefill_s"] = (clock.first_call or end) - start

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from compressors.base import ClsAttention
+from models.timing import stopwatch
 
 
 def _resolve_index(index: int, size: int, what: str) -> int:
@@ -48,6 +49,7 @@ def encode_tiles(
     model: nn.Module,
     pixel_values: torch.Tensor,
     requests: Iterable[ClsAttention] = (),
+    timings: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[ClsAttention, torch.Tensor]]:
     """Projected tile features and the requested [CLS]-attention signals.
 
@@ -55,6 +57,8 @@ def encode_tiles(
         model: a ``LlavaNextForConditionalGeneration``.
         pixel_values: ``[T, 3, 336, 336]`` one image's tiles (thumbnail first).
         requests: ``ClsAttention`` signals to compute.
+        timings: if given, ``timings["signals_s"]`` gets the time spent computing the signals
+            (device-synchronised; for benchmarks, it stalls the GPU pipeline).
     Returns:
         features: ``[T, P, D]`` projector outputs of ``vision_feature_layer`` without [CLS]
             (P = 576 at 336 px / patch 14; D = the LLM width).
@@ -84,7 +88,8 @@ def encode_tiles(
     for index in range(deepest + 1):
         for req, probe_index in probes.items():
             if probe_index == index:
-                signals[req] = cls_attention_logits(layers[index], hidden)
+                with stopwatch(timings, "signals_s", hidden.device):
+                    signals[req] = cls_attention_logits(layers[index], hidden)
         if index == feature_index:
             selected = hidden
         if index < deepest:
