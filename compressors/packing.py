@@ -44,6 +44,17 @@ def gather_sources(features: torch.Tensor, newline: torch.Tensor, sources: torch
     return torch.where(is_newline, newline.to(out.dtype).expand_as(out), out)
 
 
+def kept_spatial_sources(layout: AnyResLayout, keep: torch.Tensor | None = None, rounding: UnpadRounding = "hf",
+                         device=None) -> torch.Tensor:
+    """Source ids of the vanilla segment restricted to ``keep`` (``[num_tiles, side**2]`` bool);
+    every unpadded row keeps its newline (-1). Returns ``[K]`` long in splice order."""
+    order = spatial_source_order(layout, rounding, device=device)  # [N]
+    if keep is None:
+        return order
+    selected = (order == NEWLINE_SOURCE) | keep.reshape(-1)[order.clamp(min=0)]
+    return order[selected]
+
+
 def pack_spatial(
     features: torch.Tensor,
     layout: AnyResLayout,
@@ -62,11 +73,7 @@ def pack_spatial(
     Returns:
         The segment: kept thumbnail tokens, then each unpadded canvas row's kept tokens + newline.
     """
-    order = spatial_source_order(layout, rounding, device=features.device)  # [N]
+    order = kept_spatial_sources(layout, keep, rounding, device=features.device)
     num_newlines = layout.valid_box(rounding).height  # every unpadded row keeps its newline
-    if keep is not None:
-        flat_keep = keep.reshape(-1)
-        selected = (order == NEWLINE_SOURCE) | flat_keep[order.clamp(min=0)]
-        order = order[selected]
     embeds = gather_sources(features, newline, order)
     return VisionOutput(embeds=embeds, provenance=Provenance.one_to_one(order), num_newlines=num_newlines)

@@ -50,11 +50,26 @@ def summarise(
     }
 
 
+def _non_default(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options that differ from the compressor class's defaults (all of them if it is unknown)."""
+    import inspect
+
+    from compressors.registry import compressor_parameters, get_compressor_class
+
+    try:
+        params = compressor_parameters(get_compressor_class(name))
+    except ValueError:
+        return options
+    return {k: v for k, v in options.items()
+            if k not in params or params[k].default is inspect.Parameter.empty or params[k].default != v}
+
+
 def summary_row(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """One flat table/CSV row of a summary."""
+    """One flat table/CSV row of a summary (``options``: settings other than the method's defaults)."""
     compressor = dict(summary.get("compressor", {}))
     name = compressor.pop("name", "?")
     ratio = compressor.pop("ratio", None)
+    compressor = _non_default(name, compressor)
     row = {
         "model": summary.get("model"),
         "benchmark": summary.get("benchmark"),
