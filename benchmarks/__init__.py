@@ -4,17 +4,12 @@ Every module in this package is imported here, so a new benchmark is one file th
 ``@register_benchmark`` plus one ``conf/benchmark/<name>.yaml``.
 """
 
-import importlib
-import pkgutil
-
 from benchmarks.base import Benchmark, Sample
 from benchmarks.registry import build_benchmark, get_benchmark_class, list_benchmarks, register_benchmark
 from benchmarks.scoring import exact_match, normalize_answer
+from compressors.registry import import_submodules
 
-_INFRASTRUCTURE = {"base", "registry", "scoring"}
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__, skip={"base", "registry", "scoring"})
 
 __all__ = [
     "Benchmark",

@@ -4,9 +4,6 @@ Every module in this package is imported here, so a new compressor is one file t
 ``@register_compressor`` plus one ``conf/compressor/<name>.yaml``.
 """
 
-import importlib
-import pkgutil
-
 from compressors.base import (
     ClsAttention,
     Compressor,
@@ -17,12 +14,15 @@ from compressors.base import (
     VisionOutput,
 )
 from compressors.geometry import AnyResLayout, layout_for_image
-from compressors.registry import build_compressor, get_compressor_class, list_compressors, register_compressor
+from compressors.registry import (
+    build_compressor,
+    get_compressor_class,
+    import_submodules,
+    list_compressors,
+    register_compressor,
+)
 
-_INFRASTRUCTURE = {"base", "geometry", "packing", "registry"}
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__, skip={"base", "geometry", "packing", "registry"})
 
 __all__ = [
     "AnyResLayout",

@@ -19,6 +19,7 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    MistralConfig,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -71,18 +72,30 @@ def build_tiny_processor(tokenizer: LlamaTokenizer) -> LlavaNextProcessor:
     )
 
 
-def build_tiny_config(tokenizer: LlamaTokenizer, vision_layers: int = 3, text_layers: int = 4) -> LlavaNextConfig:
-    """Real AnyRes geometry, small widths: vision h64 x 3 layers, Llama h128 x 4 layers, GQA 4q/2kv."""
+TEXT_MODELS = ("llama", "mistral")
+
+
+def build_tiny_config(tokenizer: LlamaTokenizer, vision_layers: int = 3, text_layers: int = 4,
+                      text_model: str = "llama", sliding_window: int | None = None) -> LlavaNextConfig:
+    """Real AnyRes geometry, small widths: vision h64 x 3 layers, decoder h128 x 4 layers, GQA 4q/2kv.
+
+    ``text_model="mistral"`` gives the decoder of llava-v1.6-mistral (``MistralModel``; its
+    checkpoint has no sliding window, ``sliding_window`` sets one to exercise that mask path).
+    """
+    if text_model not in TEXT_MODELS:
+        raise ValueError(f"unknown text_model {text_model!r}; allowed: {', '.join(TEXT_MODELS)}")
     vision = CLIPVisionConfig(
         image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
         num_hidden_layers=vision_layers, num_attention_heads=4,
     )
-    text = LlamaConfig(
+    text_kwargs = dict(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    text = (LlamaConfig(**text_kwargs) if text_model == "llama"
+            else MistralConfig(**text_kwargs, sliding_window=sliding_window))
     return LlavaNextConfig(
         vision_config=vision,
         text_config=text,
@@ -94,12 +107,14 @@ def build_tiny_config(tokenizer: LlamaTokenizer, vision_layers: int = 3, text_la
 
 
 def build_tiny_llava_next(
-    seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 3, text_layers: int = 4
+    seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 3, text_layers: int = 4,
+    text_model: str = "llama", sliding_window: int | None = None,
 ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     """The tiny model (eval mode, float32, CPU) and its processor; same seed, same weights."""
     tokenizer = build_tiny_tokenizer()
     processor = build_tiny_processor(tokenizer)
-    config = build_tiny_config(tokenizer, vision_layers=vision_layers, text_layers=text_layers)
+    config = build_tiny_config(tokenizer, vision_layers=vision_layers, text_layers=text_layers,
+                               text_model=text_model, sliding_window=sliding_window)
     fork = torch.random.fork_rng(devices=[])
     with fork:
         torch.manual_seed(seed)

@@ -111,6 +111,24 @@ def build(args: argparse.Namespace) -> tuple[LlavaNextPipeline, float]:
     return LlavaNextPipeline(model, processor), depth / built
 
 
+def full_depth_prefill(measured: float, vanilla_measured: float, compressor: Compressor, built: int,
+                       depth_factor: float) -> float:
+    """Prefill time scaled from ``built`` decoder layers to the full depth.
+
+    Per-layer time is uniform for a vision-stage method. For an LLM-stage method, layers before K
+    cost what vanilla layers cost and only the layers from K on are pruned, so each part is
+    scaled separately.
+    """
+    if depth_factor == 1.0:
+        return measured
+    if compressor.llm_layer is None:
+        return measured * depth_factor
+    k = compressor.llm_layer
+    full_layer = vanilla_measured / built
+    pruned_layer = (measured - k * full_layer) / (built - k)
+    return k * full_layer + (round(built * depth_factor) - k) * pruned_layer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="tiny", help="tiny, llava_next_7b or llava_next_13b")
@@ -135,13 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "vision": timed(lambda: encode_tiles(pipeline.model, tiles), device, args.repeats),
             "prefill": timed(lambda: pipeline.forward(vanilla_prepared, none), device, args.repeats),
         }
+    vanilla_measured = vanilla["prefill"]
     vanilla["prefill"] *= depth_factor
 
     rows = {}
     for name in [n for n in args.compressors.split(",") if n]:
         compressor = build_compressor({"name": name, "ratio": args.ratio})
         result = measure(pipeline, compressor, image, args.repeats)
-        result["prefill_s"] *= depth_factor  # only decoder time grows with depth
+        result["prefill_s"] = full_depth_prefill(result["prefill_s"], vanilla_measured, compressor,
+                                                 pipeline.model.config.text_config.num_hidden_layers, depth_factor)
         own = result["signals_s"] + result["compress_s"] + result["llm_stage_s"]
         result["overhead_vs_vanilla_prefill"] = own / vanilla["prefill"]
         rows[name] = result

@@ -134,3 +134,35 @@ def test_kept_tokens_keep_their_original_positions(tiny, images):
         embeds[0][image] = prepared.segment.embeds
         reference = _reference_logits(tiny.model, embeds, stage.record.keep, prepared.input_ids.shape[1], 2)
     assert torch.allclose(logits, reference[0, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4096])
+def test_mistral_decoder(images, sliding_window):
+    """llava-v1.6-mistral's decoder (MistralModel): none == transformers, FastV r=1 is the identity,
+    and cached FastV decoding matches the masked reference."""
+    from models.pipeline import LlavaNextPipeline
+    from models.tiny import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(seed=1, text_model="mistral", sliding_window=sliding_window)
+    assert type(model.model.language_model).__name__ == "MistralModel"
+    pipeline = LlavaNextPipeline(model, processor, prompt_format="mistral_instruct")
+    image = images["1x2"]
+    inputs = pipeline.processor_inputs(image, QUESTION)
+    with torch.inference_mode():
+        expected = model(**inputs).logits
+    assert torch.equal(pipeline.prefill_logits(image, QUESTION, build_compressor({"name": "none"})), expected)
+    assert torch.equal(pipeline.prefill_logits(image, QUESTION, build_compressor({"name": "fastv", "ratio": 1.0})),
+                       expected)
+    fastv = build_compressor({"name": "fastv", "ratio": 0.25})
+    prepared = pipeline.prepare(image, QUESTION, fastv)
+    with torch.inference_mode():
+        stage = pipeline._llm_stage(fastv, prepared)
+        with stage:
+            out = model.generate(**pipeline._model_inputs(prepared), generation_config=pipeline.generation_config(4),
+                                 output_logits=True, return_dict_in_generate=True)
+        length = prepared.input_ids.shape[1]
+        embeds = model.get_input_embeddings()(out.sequences[:, :-1])
+        embeds[0, :length][prepared.input_ids[0] == pipeline.image_token_id] = prepared.segment.embeds
+        reference = _reference_logits(model, embeds, stage.record.keep, length, layer_k=2)
+    for step in range(4):
+        assert torch.allclose(out.logits[step][0], reference[0, length - 1 + step], atol=1e-4), step
