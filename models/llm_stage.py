@@ -13,6 +13,7 @@ layer K:
   continue the original positions (``generate`` computes them from the full-length mask).
 
 Layer 0 stays full, so ``generate``'s own bookkeeping (cache length from layer 0) is unchanged.
+Without a KV cache every forward is a prefill and selects afresh (the authors' no-cache loop).
 Batch size 1 only: kept counts differ per row, which would make the batch ragged.
 """
 
@@ -175,32 +176,45 @@ class LLMStagePruning:
         if prefill:
             self.record = PruningRecord(prefill_length=hidden.shape[1])
         probe = None
-        for index, layer in enumerate(lm.layers[: config.num_hidden_layers]):
-            if index == self.layer:
+        try:
+            for index, layer in enumerate(lm.layers[: config.num_hidden_layers]):
+                if index == self.layer:
+                    hidden, position_ids, position_embeddings, attention_mask, mask = self._enter_pruned_layers(
+                        prefill, hidden, position_ids, position_embeddings, attention_mask, cache, probe)
+                    probe = None  # removed by _enter_pruned_layers
                 if prefill:
-                    timings = {} if self.timed else None
-                    with stopwatch(timings, "select_s", hidden.device):
-                        keep = self._select(hidden, position_ids, position_embeddings, attention_mask, probe)
-                    self.record.select_s = timings["select_s"] if timings else 0.0
-                    if probe is not None:
-                        probe.remove()
-                    hidden = hidden[:, keep]
-                    position_ids = position_ids[:, keep]
-                    position_embeddings = tuple(t[:, keep] for t in position_embeddings)
-                    attention_mask = attention_mask[:, keep] if attention_mask is not None else None
-                elif attention_mask is not None:
-                    keep, length = self.record.keep, self.record.prefill_length
-                    attention_mask = torch.cat([attention_mask[:, keep], attention_mask[:, length:]], dim=1)
-                mask = self._mask(inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
-                                  position_ids=position_ids, layer_idx=self.layer)
-            if prefill:
-                self.record.layer_lengths.append(hidden.shape[1])
-                if index == self.layer - 1 and self.wants_attention:
-                    probe = _ProjectionProbe(layer.self_attn)
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
+                    self.record.layer_lengths.append(hidden.shape[1])
+                    if index == self.layer - 1 and self.wants_attention:
+                        probe = _ProjectionProbe(layer.self_attn)
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                               position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
+        finally:
+            if probe is not None:  # something raised before layer K: do not leave hooks on the model
+                probe.remove()
         hidden = lm.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+
+    def _enter_pruned_layers(self, prefill, hidden, position_ids, position_embeddings, attention_mask, cache, probe):
+        """At layer K: at prefill, select and cut every per-position tensor to the kept positions;
+        when decoding, extend the prefill's kept padding mask by the new tokens. Returns the inputs
+        of layers K.. and their causal mask, sized against cache layer K."""
+        if prefill:
+            timings = {} if self.timed else None
+            with stopwatch(timings, "select_s", hidden.device):
+                keep = self._select(hidden, position_ids, position_embeddings, attention_mask, probe)
+            self.record.select_s = timings["select_s"] if timings else 0.0
+            if probe is not None:
+                probe.remove()
+            hidden = hidden[:, keep]  # [1, L', D]
+            position_ids = position_ids[:, keep]  # original positions, gaps included
+            position_embeddings = tuple(t[:, keep] for t in position_embeddings)
+            attention_mask = attention_mask[:, keep] if attention_mask is not None else None
+        elif attention_mask is not None:
+            keep, length = self.record.keep, self.record.prefill_length
+            attention_mask = torch.cat([attention_mask[:, keep], attention_mask[:, length:]], dim=1)
+        mask = self._mask(inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+                          position_ids=position_ids, layer_idx=self.layer)
+        return hidden, position_ids, position_embeddings, attention_mask, mask
 
     def _select(self, hidden, position_ids, position_embeddings, attention_mask, probe) -> torch.Tensor:
         """Ask the compressor which prefill positions layers K.. keep; record the result."""

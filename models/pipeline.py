@@ -147,13 +147,15 @@ class LlavaNextPipeline:
         input_ids = splice_image_tokens(inputs["input_ids"], self.image_token_id, segment.num_tokens).to(device)
         return PreparedPrompt(input_ids=input_ids, layout=layout, segment=segment, timings=timings)
 
-    def _llm_stage(self, compressor: Compressor, prepared: PreparedPrompt, timed: bool = False):
+    def llm_stage(self, compressor: Compressor, prepared: PreparedPrompt, timed: bool = False):
+        """Context that applies the compressor's LLM stage (a no-op for vision-stage methods)."""
         if compressor.llm_layer is None:
             return contextlib.nullcontext()
         image_mask = prepared.input_ids == self.image_token_id  # [1, N']
         return LLMStagePruning(self.model.model.language_model, compressor, image_mask, timed=timed)
 
-    def _model_inputs(self, prepared: PreparedPrompt) -> dict:
+    def model_inputs(self, prepared: PreparedPrompt) -> dict:
+        """Keyword arguments for the model's ``forward``/``generate`` on a prepared prompt."""
         return {
             "input_ids": prepared.input_ids,
             "attention_mask": torch.ones_like(prepared.input_ids),
@@ -168,14 +170,16 @@ class LlavaNextPipeline:
 
     @torch.inference_mode()
     def forward(self, prepared: PreparedPrompt, compressor: Compressor,
-                timings: dict[str, float] | None = None) -> torch.Tensor:
-        """One forward pass (the prefill) over a prepared prompt, LLM stage included: ``[1, N', vocab]``.
+                timings: dict[str, float] | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """One forward pass (the prefill) over a prepared prompt, LLM stage included.
 
-        With ``timings``, the LLM stage's scoring + selection time is stored as ``llm_select_s``.
+        Returns ``[1, N', vocab]`` logits, or only the last ``logits_to_keep`` positions (``generate``'s
+        prefill keeps 1). With ``timings``, the LLM stage's scoring + selection time is stored as
+        ``llm_select_s``.
         """
-        stage = self._llm_stage(compressor, prepared, timed=timings is not None)
+        stage = self.llm_stage(compressor, prepared, timed=timings is not None)
         with stage:
-            logits = self.model(**self._model_inputs(prepared)).logits
+            logits = self.model(**self.model_inputs(prepared), logits_to_keep=logits_to_keep).logits
         if timings is not None and isinstance(stage, LLMStagePruning):
             timings["llm_select_s"] = stage.record.select_s
         return logits
@@ -192,13 +196,13 @@ class LlavaNextPipeline:
         """Answer ``question`` about ``image`` with ``compressor`` applied; greedy, batch size 1."""
         device = self.device
         prepared = self.prepare(image, question, compressor, sample_seed)
-        stage = self._llm_stage(compressor, prepared)
+        stage = self.llm_stage(compressor, prepared)
         clock = _PrefillClock(device)
         synchronize(device)
         start = time.perf_counter()
         with stage:
             output = self.model.generate(
-                **self._model_inputs(prepared),
+                **self.model_inputs(prepared),
                 generation_config=self.generation_config(max_new_tokens),
                 logits_processor=LogitsProcessorList([clock]),
             )

@@ -96,9 +96,9 @@ def test_cached_decoding_equals_cache_free_masked_recomputation(tiny, images, ra
     prepared = tiny.prepare(images["2x2-padded"], QUESTION, fastv)
     steps = 8
     with torch.inference_mode():
-        stage = tiny._llm_stage(fastv, prepared)
+        stage = tiny.llm_stage(fastv, prepared)
         with stage:
-            out = model.generate(**tiny._model_inputs(prepared), generation_config=tiny.generation_config(steps),
+            out = model.generate(**tiny.model_inputs(prepared), generation_config=tiny.generation_config(steps),
                                  output_logits=True, return_dict_in_generate=True)
         record = stage.record
         prompt = prepared.input_ids
@@ -126,9 +126,9 @@ def test_kept_tokens_keep_their_original_positions(tiny, images):
     fastv = build_compressor({"name": "fastv", "ratio": 0.25})
     prepared = tiny.prepare(images["1x3"], QUESTION, fastv)
     with torch.inference_mode():
-        stage = tiny._llm_stage(fastv, prepared)
+        stage = tiny.llm_stage(fastv, prepared)
         with stage:
-            logits = tiny.model(**tiny._model_inputs(prepared)).logits[0, -1]
+            logits = tiny.model(**tiny.model_inputs(prepared)).logits[0, -1]
         embeds = tiny.model.get_input_embeddings()(prepared.input_ids)
         image = prepared.input_ids[0] == tiny.image_token_id
         embeds[0][image] = prepared.segment.embeds
@@ -156,9 +156,9 @@ def test_mistral_decoder(images, sliding_window):
     fastv = build_compressor({"name": "fastv", "ratio": 0.25})
     prepared = pipeline.prepare(image, QUESTION, fastv)
     with torch.inference_mode():
-        stage = pipeline._llm_stage(fastv, prepared)
+        stage = pipeline.llm_stage(fastv, prepared)
         with stage:
-            out = model.generate(**pipeline._model_inputs(prepared), generation_config=pipeline.generation_config(4),
+            out = model.generate(**pipeline.model_inputs(prepared), generation_config=pipeline.generation_config(4),
                                  output_logits=True, return_dict_in_generate=True)
         length = prepared.input_ids.shape[1]
         embeds = model.get_input_embeddings()(out.sequences[:, :-1])
