@@ -22,7 +22,7 @@ from compressors.base import Compressor, Provenance, VisionInput, VisionOutput
 from compressors.geometry import AnyResLayout, layout_for_image
 from models.llm_stage import LLMStagePruning
 from models.prompts import format_prompt
-from models.timing import synchronize
+from models.timing import stopwatch, synchronize
 from models.vision import encode_tiles
 
 
@@ -130,19 +130,13 @@ class LlavaNextPipeline:
         tiles = inputs["pixel_values"][0, : layout.num_tiles]  # [T, 3, 336, 336]; batch padding tiles dropped
         timings: dict[str, float] = {}
 
-        synchronize(device)
-        start = time.perf_counter()
-        features, signals = encode_tiles(self.model, tiles, compressor.vision_signals)  # [T, 576, D]
-        synchronize(device)
-        timings["vision_s"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        segment = compressor.compress_vision(
-            VisionInput(features=features, layout=layout, newline=self.model.model.image_newline,
-                        signals=signals, sample_seed=sample_seed)
-        )
-        synchronize(device)
-        timings["compress_s"] = time.perf_counter() - start
+        with stopwatch(timings, "vision_s", device):
+            features, signals = encode_tiles(self.model, tiles, compressor.vision_signals)  # [T, 576, D]
+        with stopwatch(timings, "compress_s", device):
+            segment = compressor.compress_vision(
+                VisionInput(features=features, layout=layout, newline=self.model.model.image_newline,
+                            signals=signals, sample_seed=sample_seed)
+            )
 
         input_ids = splice_image_tokens(inputs["input_ids"], self.image_token_id, segment.num_tokens).to(device)
         return PreparedPrompt(input_ids=input_ids, layout=layout, segment=segment, timings=timings)

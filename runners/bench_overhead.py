@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,25 +36,12 @@ from rich.table import Table
 
 from compressors import Compressor, VisionInput, build_compressor, list_compressors
 from models.pipeline import LlavaNextPipeline
-from models.timing import synchronize
+from models.timing import stopwatch
 from models.vision import encode_tiles
 from runners.report import console
 
 QUESTION = "What is written in the image?\nAnswer the question using a single word or phrase."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def timed_part(fn: Callable[[dict], object], key: str, repeats: int) -> float:
@@ -67,6 +53,16 @@ def timed_part(fn: Callable[[dict], object], key: str, repeats: int) -> float:
         fn(timings)
         samples.append(timings.get(key, 0.0))
     return statistics.median(samples)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median device-synchronised seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+
+    def run(timings: dict[str, float]) -> None:
+        with stopwatch(timings, "s", device):
+            fn()
+
+    return timed_part(run, "s", repeats)
 
 
 def default_compressors() -> list[str]:
@@ -102,7 +98,7 @@ def build(args: argparse.Namespace) -> tuple[LlavaNextPipeline, float]:
         from models.tiny import build_tiny_llava_next
 
         model, processor = build_tiny_llava_next(seed=0)
-        return LlavaNextPipeline(model.to(args.device), processor), 1.0
+        return LlavaNextPipeline(model.to(args.device, DTYPES[args.dtype]), processor), 1.0
     from models.random_arch import build_random_llava_next, full_depth
 
     model, processor = build_random_llava_next(args.arch, device=args.device, dtype=DTYPES[args.dtype],
@@ -141,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = pipeline.device
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (672, 672, 3), dtype=np.uint8))
     none = build_compressor({"name": "none"})
-    tiles = pipeline.processor_inputs(image, QUESTION)["pixel_values"][0, :5]
     vanilla_prepared = pipeline.prepare(image, QUESTION, none)
+    tiles = pipeline.processor_inputs(image, QUESTION)["pixel_values"][0, : vanilla_prepared.layout.num_tiles]
     with torch.inference_mode():
         vanilla = {
             "vision": timed(lambda: encode_tiles(pipeline.model, tiles), device, args.repeats),
@@ -164,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "text_layers_built": pipeline.model.config.text_config.num_hidden_layers,
         "prefill_scaled": depth_factor != 1.0, "depth_factor": depth_factor,
-        "image": "672x672 (2x2 grid, 2928 vanilla visual tokens)",
+        "image": f"672x672 ({vanilla_prepared.layout.rows}x{vanilla_prepared.layout.cols} grid, "
+                 f"{vanilla_prepared.segment.num_tokens} vanilla visual tokens)",
         "vanilla": {"vision_s": vanilla["vision"], "prefill_s": vanilla["prefill"]},
         "compressors": rows,
     }

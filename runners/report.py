@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from compressors.registry import compressor_parameters, get_compressor_class
 from runners.store import SUMMARY_FILE
 
 TIMING_KEYS = ("vision_s", "compress_s", "prefill_s", "decode_s")
@@ -52,10 +54,6 @@ def summarise(
 
 def _non_default(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options that differ from the compressor class's defaults (all of them if it is unknown)."""
-    import inspect
-
-    from compressors.registry import compressor_parameters, get_compressor_class
-
     try:
         params = compressor_parameters(get_compressor_class(name))
     except ValueError:
