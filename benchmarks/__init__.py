@@ -7,7 +7,7 @@ Every module in this package is imported here, so a new benchmark is one file th
 from benchmarks.base import Benchmark, Sample
 from benchmarks.registry import build_benchmark, get_benchmark_class, list_benchmarks, register_benchmark
 from benchmarks.scoring import exact_match, normalize_answer
-from compressors.registry import import_submodules
+from vtclab.registry import import_submodules
 
 import_submodules(__name__, __path__, skip={"base", "registry", "scoring"})
 

@@ -3,13 +3,13 @@
 A benchmark is one module in ``benchmarks/`` (imported automatically by the package) plus one
 config ``conf/benchmark/<name>.yaml`` whose keys are the class's ``__init__`` arguments, so a bad
 key or value fails in ``build_benchmark``, before any model is loaded. The mechanics are the
-shared ``Registry`` (``compressors.registry``).
+shared ``vtclab.registry.Registry``.
 """
 
 from __future__ import annotations
 
 from benchmarks.base import Benchmark
-from compressors.registry import Registry
+from vtclab.registry import Registry
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark", Benchmark)
 register_benchmark = BENCHMARKS.register

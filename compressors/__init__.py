@@ -9,18 +9,15 @@ from compressors.base import (
     Compressor,
     LastTokenAttention,
     LLMInput,
+    LLMSignal,
     Provenance,
     VisionInput,
     VisionOutput,
+    VisionSignal,
 )
 from compressors.geometry import AnyResLayout, layout_for_image
-from compressors.registry import (
-    build_compressor,
-    get_compressor_class,
-    import_submodules,
-    list_compressors,
-    register_compressor,
-)
+from compressors.registry import build_compressor, get_compressor_class, list_compressors, register_compressor
+from vtclab.registry import import_submodules
 
 import_submodules(__name__, __path__, skip={"base", "geometry", "packing", "registry"})
 
@@ -29,10 +26,12 @@ __all__ = [
     "ClsAttention",
     "Compressor",
     "LLMInput",
+    "LLMSignal",
     "LastTokenAttention",
     "Provenance",
     "VisionInput",
     "VisionOutput",
+    "VisionSignal",
     "build_compressor",
     "get_compressor_class",
     "layout_for_image",

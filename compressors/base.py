@@ -28,28 +28,39 @@ from compressors.geometry import NEWLINE_SOURCE, AnyResLayout
 
 
 @dataclass(frozen=True)
-class ClsAttention:
-    """Pre-softmax [CLS]-query attention logits of one vision-tower layer, per head.
+class VisionSignal:
+    """Base of vision-tower signals: a frozen request naming what to compute, and at which layer.
 
-    Value in ``VisionInput.signals[request]``: ``[num_tiles, heads, 1 + side**2]`` holding
-    ``(q_cls * scale) . k_j`` for every key j (column 0 is the [CLS] key itself), computed from
-    that layer's normed input. ``layer`` indexes ``vision_tower.encoder.layers`` (negative from
-    the end: -1 is the last layer).
+    ``layer`` indexes ``vision_tower.encoder.layers`` (negative from the end: -1 is the last layer).
+    The pipeline computes a request only when a compressor lists it, with the provider registered
+    for its exact type (``models.vision.VISION_SIGNAL_PROVIDERS``); an unknown type is an error.
     """
 
     layer: int = -1
 
 
 @dataclass(frozen=True)
-class LastTokenAttention:
-    """Post-softmax attention of the last prompt token at decoder layer ``llm_layer - 1``, per head.
+class ClsAttention(VisionSignal):
+    """Pre-softmax [CLS]-query attention logits of one vision-tower layer, per head.
 
-    Value in ``LLMInput.attention``: ``[batch, heads, seq]`` (rows sum to 1 over unmasked keys).
+    Value in ``VisionInput.signals[request]``: ``[num_tiles, heads, 1 + side**2]`` holding
+    ``(q_cls * scale) . k_j`` for every key j (column 0 is the [CLS] key itself), computed from
+    that layer's normed input.
     """
 
 
-VisionSignal = ClsAttention
-LLMSignal = LastTokenAttention
+@dataclass(frozen=True)
+class LLMSignal:
+    """Base of LLM-stage signals; each type has one provider in ``models.llm_stage``."""
+
+
+@dataclass(frozen=True)
+class LastTokenAttention(LLMSignal):
+    """Post-softmax attention of the last prompt token at decoder layer ``llm_layer - 1``, per head.
+
+    Value in ``LLMInput.signals[request]`` (and ``LLMInput.attention``): ``[batch, heads, seq]``
+    (rows sum to 1 over unmasked keys).
+    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,12 +153,14 @@ class LLMInput:
         image_mask: ``[1, L]`` bool, True at image-token positions (thumbnail, crops, newlines).
         position_ids: ``[1, L]`` position ids of the sequence.
         attention: ``[1, heads, L]`` the ``LastTokenAttention`` value, if requested, else None.
+        signals: every requested LLM signal's value, keyed by its request.
     """
 
     hidden_states: torch.Tensor
     image_mask: torch.Tensor
     position_ids: torch.Tensor
     attention: torch.Tensor | None = None
+    signals: dict[Any, torch.Tensor] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,15 +212,10 @@ class LlavaNextPipeline:
         spliced = prepared.segment.num_tokens
         provenance = prepared.segment.provenance
         after, layer_mean = spliced, float(spliced)
-        if isinstance(stage, LLMStagePruning):
+        if isinstance(stage, LLMStagePruning):  # the hook counted; read its record
             record = stage.record
-            after = record.kept_image_tokens
-            num_layers = len(record.layer_lengths)
-            layer_mean = (stage.layer * spliced + (num_layers - stage.layer) * after) / num_layers
-            image_mask = input_ids[0] == self.image_token_id
-            segment_start = int(image_mask.nonzero()[0])
-            kept_in_segment = record.keep[image_mask[record.keep]] - segment_start
-            provenance = provenance.select(kept_in_segment, spliced)
+            after, layer_mean = record.kept_image_tokens, record.image_tokens_layer_mean
+            provenance = provenance.select(record.kept_segment_index, spliced)
         return GenerationResult(
             text=text,
             new_tokens=int(new_ids.numel()),

@@ -1,20 +1,49 @@
 """Tile features and vision-side signals from LLaVA-NeXT's own modules, computing only what is asked.
 
 ``encode_tiles`` runs the CLIP tower layer by layer and stops at the deepest layer anything needs:
-vanilla LLaVA-NeXT reads ``hidden_states[-2]``, so the last CLIP layer never has to run. A
+vanilla LLaVA-NeXT reads ``hidden_states[-2]``, so the last CLIP layer never has to run. Signals are
+dispatched by request type to one provider each (``VISION_SIGNAL_PROVIDERS``): a provider gets the
+encoder layer a request names and that layer's input, so a new signal (a layer's keys, its hidden
+states) is one function registered with ``@vision_signal_provider(RequestType)``. A
 ``ClsAttention(layer=l)`` request costs one [CLS]-row query and one key projection of layer l's
 normed input; no attention map is materialised and the tower keeps its SDPA attention.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from compressors.base import ClsAttention
+from compressors.base import ClsAttention, VisionSignal
 from models.timing import stopwatch
+
+# request type -> fn(encoder layer, that layer's input [T, 1+P, C], request) -> value
+VisionSignalProvider = Callable[[nn.Module, torch.Tensor, VisionSignal], torch.Tensor]
+VISION_SIGNAL_PROVIDERS: dict[type, VisionSignalProvider] = {}
+
+
+def vision_signal_provider(request_type: type) -> Callable[[VisionSignalProvider], VisionSignalProvider]:
+    """Register the function that computes requests of ``request_type`` (one provider per type)."""
+    if not (isinstance(request_type, type) and issubclass(request_type, VisionSignal)):
+        raise TypeError(f"vision signal types subclass VisionSignal, got {request_type!r}")
+
+    def decorator(fn: VisionSignalProvider) -> VisionSignalProvider:
+        if request_type in VISION_SIGNAL_PROVIDERS:
+            raise ValueError(f"{request_type.__name__} already has a provider")
+        VISION_SIGNAL_PROVIDERS[request_type] = fn
+        return fn
+
+    return decorator
+
+
+def _provider(request: object) -> VisionSignalProvider:
+    try:
+        return VISION_SIGNAL_PROVIDERS[type(request)]
+    except KeyError:
+        known = ", ".join(t.__name__ for t in VISION_SIGNAL_PROVIDERS)
+        raise ValueError(f"unknown vision signal {request!r}; the pipeline can compute: {known}") from None
 
 
 def _resolve_index(index: int, size: int, what: str) -> int:
@@ -22,6 +51,11 @@ def _resolve_index(index: int, size: int, what: str) -> int:
     if not -size <= index < size:
         raise ValueError(f"{what} {index} is out of range; allowed: {-size}..{size - 1}")
     return index % size
+
+
+@vision_signal_provider(ClsAttention)
+def _cls_attention(layer: nn.Module, hidden: torch.Tensor, request: ClsAttention) -> torch.Tensor:
+    return cls_attention_logits(layer, hidden)
 
 
 def cls_attention_logits(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -48,21 +82,21 @@ def cls_attention_logits(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor
 def encode_tiles(
     model: nn.Module,
     pixel_values: torch.Tensor,
-    requests: Iterable[ClsAttention] = (),
+    requests: Iterable[VisionSignal] = (),
     timings: dict[str, float] | None = None,
-) -> tuple[torch.Tensor, dict[ClsAttention, torch.Tensor]]:
-    """Projected tile features and the requested [CLS]-attention signals.
+) -> tuple[torch.Tensor, dict[VisionSignal, torch.Tensor]]:
+    """Projected tile features and the requested vision signals.
 
     Args:
         model: a ``LlavaNextForConditionalGeneration``.
         pixel_values: ``[T, 3, 336, 336]`` one image's tiles (thumbnail first).
-        requests: ``ClsAttention`` signals to compute.
+        requests: vision signals to compute (each type needs a registered provider).
         timings: if given, ``timings["signals_s"]`` gets the time spent computing the signals
             (device-synchronised; for benchmarks, it stalls the GPU pipeline).
     Returns:
         features: ``[T, P, D]`` projector outputs of ``vision_feature_layer`` without [CLS]
             (P = 576 at 336 px / patch 14; D = the LLM width).
-        signals: ``{request: [T, heads, 1 + P]}``.
+        signals: ``{request: value}``, e.g. ``[T, heads, 1 + P]`` for ``ClsAttention``.
     """
     config = model.config
     if config.vision_feature_select_strategy != "default":
@@ -78,18 +112,19 @@ def encode_tiles(
 
     # hidden_states[i] is the input of encoder layer i (i = 0..num_layers; the last is the output)
     feature_index = _resolve_index(config.vision_feature_layer, num_layers + 1, "vision_feature_layer")
-    probes = {req: _resolve_index(req.layer, num_layers, "ClsAttention layer") for req in requests}
-    deepest = max([feature_index, *probes.values()])
+    probes = {req: (_provider(req), _resolve_index(req.layer, num_layers, f"{type(req).__name__} layer"))
+              for req in requests}
+    deepest = max([feature_index, *(index for _, index in probes.values())])
 
     pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
     hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # [T, 1+P, C] = hidden_states[0]
-    signals: dict[ClsAttention, torch.Tensor] = {}
+    signals: dict[VisionSignal, torch.Tensor] = {}
     selected = hidden
     for index in range(deepest + 1):
-        for req, probe_index in probes.items():
+        for req, (provide, probe_index) in probes.items():
             if probe_index == index:
                 with stopwatch(timings, "signals_s", hidden.device):
-                    signals[req] = cls_attention_logits(layers[index], hidden)
+                    signals[req] = provide(layers[index], hidden, req)
         if index == feature_index:
             selected = hidden
         if index < deepest:

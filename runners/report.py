@@ -38,16 +38,21 @@ def summarise(
     """Aggregate per-sample records into the run summary.
 
     ``retention_actual`` is total visual tokens after / before over the samples (what the LLM's
-    last layers really saw), next to the configured ``compressor.ratio``.
+    last layers really saw), next to the configured ``compressor.ratio``;
+    ``retention_layer_mean`` is total layer-mean visual tokens / before (what FastV-style papers
+    quote: an LLM-stage method prunes only from layer K on, so it saves less than its last-layer
+    count suggests).
     """
     before = sum(r["visual_tokens_before"] for r in records)
     after = sum(r["visual_tokens_after"] for r in records)
+    layer_mean = sum(r["visual_tokens_layer_mean"] for r in records)
     return {
         **run,
         "num_samples": len(records),
         "metrics": dict(metrics),
         "tokens": {key: _mean([r[key] for r in records]) for key in TOKEN_KEYS},
         "retention_actual": after / before if before else None,
+        "retention_layer_mean": layer_mean / before if before else None,
         "timings_mean_s": {key: _mean([r[key] for r in records]) for key in TIMING_KEYS},
     }
 
@@ -78,6 +83,7 @@ def summary_row(summary: Mapping[str, Any]) -> dict[str, Any]:
         **{f"metric/{k}": v for k, v in summary.get("metrics", {}).items()},
         **{f"tokens/{k.removeprefix('visual_tokens_')}": v for k, v in summary.get("tokens", {}).items()},
         "retention_actual": summary.get("retention_actual"),
+        "retention_layer_mean": summary.get("retention_layer_mean"),
         **{f"time/{k}": v for k, v in summary.get("timings_mean_s", {}).items()},
         "run_dir": summary.get("run_dir"),
     }
@@ -116,10 +122,17 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def render_table(summaries: Iterable[Mapping[str, Any]], title: str = "vtclab results") -> Table:
-    """A rich table: accuracy, visual tokens, actual retention and mean timings per run."""
+    """A rich table: accuracy, visual tokens, actual retention and mean timings per run.
+
+    Token columns (means per image): ``before`` is vanilla's count, ``last layer`` what the last
+    decoder layer sees, ``layer mean`` the mean over decoder layers; the two retention columns
+    divide those by ``before``. A vision-stage method has equal last-layer and layer-mean figures;
+    an LLM-stage method (FastV) prunes from layer K on, so its layer mean is the fair comparison.
+    """
     table = Table(title=title)
     for column in ("model", "benchmark", "compressor", "ratio", "n", "accuracy", "tokens before",
-                   "tokens after", "retention", "vision ms", "compress ms", "prefill ms", "decode ms"):
+                   "tokens last layer", "tokens layer mean", "retention last layer", "retention layer mean",
+                   "vision ms", "compress ms", "prefill ms", "decode ms"):
         table.add_column(column, justify="left" if column in ("model", "benchmark", "compressor") else "right")
     for summary in summaries:
         row = summary_row(summary)
@@ -129,7 +142,8 @@ def render_table(summaries: Iterable[Mapping[str, Any]], title: str = "vtclab re
             str(row["model"]), str(row["benchmark"]), compressor, _fmt(row["ratio"], ".2f"), str(row["n"]),
             _fmt(summary.get("metrics", {}).get("accuracy"), ".1f"),
             _fmt(row.get("tokens/before"), ".0f"), _fmt(row.get("tokens/after"), ".0f"),
-            _fmt(row["retention_actual"], ".3f"),
+            _fmt(row.get("tokens/layer_mean"), ".0f"), _fmt(row["retention_actual"], ".3f"),
+            _fmt(row["retention_layer_mean"], ".3f"),
             *(_fmt(times.get(k), ".1f") for k in TIMING_KEYS),
         )
     return table

@@ -55,10 +55,43 @@ def test_every_model_composes(compose_cfg, model):
         assert cfg.model.prompt_format == ("mistral_instruct" if "mistral" in model else "vicuna_v1")
 
 
+def sweep_jobs(cfg) -> list[list[str]]:
+    """Every job's overrides of a preset's ``hydra.sweeper.params``, as Hydra's basic sweeper expands them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = cfg.hydra.sweeper.params or {}
+    overrides = [f"{key}={value}" for key, value in params.items()]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    jobs = [[]]
+    for override in parsed:
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+        jobs = [job + [f"{override.get_key_element()}={value}"] for job in jobs for value in values]
+    return jobs
+
+
 @pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_experiment_composes(compose_cfg, experiment):
-    cfg = compose_cfg([f"experiment={experiment}"])
+def test_every_experiment_job_composes_and_builds(compose_cfg, experiment):
+    """Expand the preset's sweep and build every job's compressor at every ratio it lists: a typo in a
+    method name or a ratio of 1.5 fails here, not hours into the sweep."""
+    cfg = compose_cfg([f"experiment={experiment}"], return_hydra_config=True)
     build_compressor(OmegaConf.to_container(cfg.compressor, resolve=True))
+    jobs = sweep_jobs(cfg)
+    assert len(jobs) >= 1
+    for job in jobs:
+        job_cfg = compose_cfg([f"experiment={experiment}", *job])
+        build_compressor(OmegaConf.to_container(job_cfg.compressor, resolve=True))
+        build_benchmark(OmegaConf.to_container(job_cfg.benchmark, resolve=True))
+
+
+def test_sweep_expansion_catches_a_bad_preset(compose_cfg, tmp_path):
+    """The expansion above really builds every value: a preset with a ratio of 1.5 fails."""
+    cfg = compose_cfg(["experiment=ratio_sweep"], return_hydra_config=True)
+    cfg.hydra.sweeper.params["compressor.ratio"] = "0.5,1.5"
+    jobs = sweep_jobs(cfg)
+    assert ["compressor=random", "compressor.ratio=1.5"] in jobs
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        for job in jobs:
+            build_compressor(OmegaConf.to_container(compose_cfg(["experiment=ratio_sweep", *job]).compressor))
 
 
 def test_schema_rejects_bad_types_and_keys(compose_cfg):

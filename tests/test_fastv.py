@@ -11,6 +11,7 @@ import torch
 from compressors import build_compressor
 from compressors.fastv import fastv_keep_count, fastv_select
 from models.llm_stage import LLMStagePruning
+from tests.conftest import masked_reference_logits
 
 QUESTION = "How many squares are there?\nAnswer the question using a single word or phrase."
 
@@ -67,28 +68,6 @@ def test_attention_row_equals_eager(tiny, images):
     assert torch.allclose(seen["attention"], reference, atol=1e-8)
 
 
-def _reference_logits(model, embeds, keep, prefill_length, layer_k):
-    """Cache-free FastV by masking: layers >= K may attend only to kept prefill positions and to
-    every position after the prefill (the generated tokens). Written from the definition, without
-    the pruning hook. Returns logits ``[1, N, V]``; rows of pruned positions are meaningless."""
-    lm = model.model.language_model
-    length = embeds.shape[1]
-    positions = torch.arange(length)[None]
-    cos_sin = lm.rotary_emb(embeds, positions)
-    causal = torch.ones(length, length).tril().bool()
-    allowed = torch.zeros(length, dtype=torch.bool)
-    allowed[keep] = True
-    allowed[prefill_length:] = True
-    late = (causal & allowed[None, :]) | torch.eye(length, dtype=torch.bool)
-    neg = torch.finfo(embeds.dtype).min
-    masks = [torch.zeros(length, length).masked_fill(~m, neg)[None, None] for m in (causal, late)]
-    hidden = embeds
-    for index, layer in enumerate(lm.layers):
-        hidden = layer(hidden, attention_mask=masks[int(index >= layer_k)], position_embeddings=cos_sin,
-                       position_ids=positions)
-    return model.lm_head(lm.norm(hidden))
-
-
 @pytest.mark.parametrize("ratio", [0.5, 0.1])
 def test_cached_decoding_equals_cache_free_masked_recomputation(tiny, images, ratio):
     model = tiny.model
@@ -114,7 +93,7 @@ def test_cached_decoding_equals_cache_free_masked_recomputation(tiny, images, ra
         embeds = model.get_input_embeddings()(out.sequences[:, :-1])
         image = prompt[0] == tiny.image_token_id
         embeds[0, :length][image] = prepared.segment.embeds
-        reference = _reference_logits(model, embeds, record.keep, length, layer_k=2)
+        reference = masked_reference_logits(model, embeds, record.keep, length, layer_k=2)
     for step in range(steps):
         expected = reference[0, length - 1 + step]
         assert torch.allclose(out.logits[step][0], expected, atol=1e-4), step
@@ -132,7 +111,7 @@ def test_kept_tokens_keep_their_original_positions(tiny, images):
         embeds = tiny.model.get_input_embeddings()(prepared.input_ids)
         image = prepared.input_ids[0] == tiny.image_token_id
         embeds[0][image] = prepared.segment.embeds
-        reference = _reference_logits(tiny.model, embeds, stage.record.keep, prepared.input_ids.shape[1], 2)
+        reference = masked_reference_logits(tiny.model, embeds, stage.record.keep, prepared.input_ids.shape[1], 2)
     assert torch.allclose(logits, reference[0, -1], atol=1e-4)
 
 
@@ -163,6 +142,6 @@ def test_mistral_decoder(images, sliding_window):
         length = prepared.input_ids.shape[1]
         embeds = model.get_input_embeddings()(out.sequences[:, :-1])
         embeds[0, :length][prepared.input_ids[0] == pipeline.image_token_id] = prepared.segment.embeds
-        reference = _reference_logits(model, embeds, stage.record.keep, length, layer_k=2)
+        reference = masked_reference_logits(model, embeds, stage.record.keep, length, layer_k=2)
     for step in range(4):
         assert torch.allclose(out.logits[step][0], reference[0, length - 1 + step], atol=1e-4), step

@@ -305,7 +305,7 @@ def test_describe_and_defaults():
 # -- properties over grids and ratios ------------------------------------------------------------
 
 
-def _definition_count(layout: AnyResLayout, scores: torch.Tensor, ratio: float) -> tuple[int, list[int]]:
+def definition_count(layout: AnyResLayout, scores: torch.Tensor, ratio: float) -> tuple[int, list[int]]:
     """Token count and per-crop budgets, from the definition with plain Python arithmetic."""
     side, rows, cols = 24, layout.rows, layout.cols
     ph, pw = max(side // rows, 1), max(side // cols, 1)
@@ -342,7 +342,7 @@ def test_properties(layout, ratio):
     inp = make_input(layout, scores)
     gc = build_compressor({"name": "globalcom2", "ratio": ratio})
     out = gc.compress_vision(inp)
-    count, budgets = _definition_count(layout, scores, ratio)
+    count, budgets = definition_count(layout, scores, ratio)
     assert out.num_tokens == count == globalcom2_token_count(inp, ratio) == gc.token_count(inp)
     sources = torch.tensor(segment_sources(out))
     k = int(576 * ratio)
