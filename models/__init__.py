@@ -11,7 +11,8 @@ LOADERS = ("tiny", "local")
 
 
 def build_pipeline(cfg: Mapping[str, Any]) -> LlavaNextPipeline:
-    """A pipeline from a ``model`` config: ``loader: tiny`` (embedded) or ``loader: local`` (a path)."""
+    """A pipeline from a ``model`` config: ``loader: tiny`` (embedded), ``loader: local`` (a path), or
+    ``loader: local`` with ``random_init: true`` (the checkpoint's architecture, random weights)."""
     loader = cfg.get("loader")
     if loader == "tiny":
         from models.tiny import build_tiny_llava_next
@@ -22,7 +23,19 @@ def build_pipeline(cfg: Mapping[str, Any]) -> LlavaNextPipeline:
             vision_layers=cfg.get("vision_layers", 3),
             text_layers=cfg.get("text_layers", 4),
         )
+    elif loader == "local" and cfg.get("random_init"):
+        from models.loading import resolve_dtype
+        from models.random_arch import build_random_llava_next, random_init_device
+
+        model, processor = build_random_llava_next(
+            hub_id=cfg["hub_id"], device=random_init_device(cfg.get("device_map", "auto")),
+            dtype=resolve_dtype(cfg.get("dtype", "float16")), text_layers=cfg.get("text_layers"),
+            seed=cfg.get("seed", 0), attn_implementation=cfg.get("attn_implementation", "sdpa"),
+        )
     elif loader == "local":
+        if cfg.get("text_layers") is not None:
+            raise ValueError(f"model.text_layers={cfg['text_layers']} builds fewer decoder layers, which only a "
+                             "random-weight model can do; set model.random_init=true or model.text_layers=null")
         from models.loading import load_llava_next
 
         model, processor = load_llava_next(

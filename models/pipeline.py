@@ -65,7 +65,9 @@ class GenerationResult:
     Token counts are per image: ``before`` = vanilla LLaVA-NeXT's count; ``spliced`` = tokens
     placed at ``<image>`` (after the vision stage); ``after`` = visual tokens the last decoder
     layers see (after the LLM stage, if any); ``layer_mean`` = visual tokens averaged over decoder
-    layers (the convention FastV-style papers quote).
+    layers (the convention FastV-style papers quote). ``layer_lengths`` / ``layer_newlines``: the
+    prefill positions / ``image_newline`` tokens at every decoder layer's input (the cost model's
+    input: an LLM-stage method's layers from K on see fewer).
     """
 
     text: str
@@ -78,6 +80,8 @@ class GenerationResult:
     visual_tokens_layer_mean: float
     provenance: Provenance
     timings: dict[str, float] = field(default_factory=dict)
+    layer_lengths: list[int] = field(default_factory=list)
+    layer_newlines: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -212,10 +216,16 @@ class LlavaNextPipeline:
         spliced = prepared.segment.num_tokens
         provenance = prepared.segment.provenance
         after, layer_mean = spliced, float(spliced)
+        num_layers = self.model.config.text_config.num_hidden_layers
+        layer_lengths = [int(input_ids.shape[1])] * num_layers
+        layer_newlines = [prepared.segment.num_newlines] * num_layers
         if isinstance(stage, LLMStagePruning):  # the hook counted; read its record
             record = stage.record
             after, layer_mean = record.kept_image_tokens, record.image_tokens_layer_mean
             provenance = provenance.select(record.kept_segment_index, spliced)
+            layer_lengths = list(record.layer_lengths)
+            kept_newlines = after - int(provenance.token.unique().numel())  # newlines have no source
+            layer_newlines[stage.layer:] = [kept_newlines] * (num_layers - stage.layer)
         return GenerationResult(
             text=text,
             new_tokens=int(new_ids.numel()),
@@ -227,4 +237,6 @@ class LlavaNextPipeline:
             visual_tokens_layer_mean=layer_mean,
             provenance=provenance,
             timings=timings,
+            layer_lengths=layer_lengths,
+            layer_newlines=layer_newlines,
         )

@@ -53,6 +53,15 @@ def _resolve_index(index: int, size: int, what: str) -> int:
     return index % size
 
 
+def vision_layers_run(config, requests: Iterable[VisionSignal] = ()) -> int:
+    """How many CLIP encoder layers ``encode_tiles`` runs: up to the feature layer or the deepest
+    layer a requested signal reads, whichever is deeper (the cost model counts the same layers)."""
+    num_layers = config.vision_config.num_hidden_layers
+    feature_index = _resolve_index(config.vision_feature_layer, num_layers + 1, "vision_feature_layer")
+    signal_indices = [_resolve_index(req.layer, num_layers, f"{type(req).__name__} layer") for req in requests]
+    return max([feature_index, *signal_indices])
+
+
 @vision_signal_provider(ClsAttention)
 def _cls_attention(layer: nn.Module, hidden: torch.Tensor, request: ClsAttention) -> torch.Tensor:
     return cls_attention_logits(layer, hidden)
@@ -114,7 +123,7 @@ def encode_tiles(
     feature_index = _resolve_index(config.vision_feature_layer, num_layers + 1, "vision_feature_layer")
     probes = {req: (_provider(req), _resolve_index(req.layer, num_layers, f"{type(req).__name__} layer"))
               for req in requests}
-    deepest = max([feature_index, *(index for _, index in probes.values())])
+    deepest = vision_layers_run(config, probes)
 
     pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
     hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # [T, 1+P, C] = hidden_states[0]

@@ -30,6 +30,7 @@ import runners.schema  # noqa: F401  (registers the structured-config schemas)
 from benchmarks import Benchmark, Sample, build_benchmark
 from compressors import Compressor, build_compressor
 from models import GenerationResult, build_pipeline
+from models.cost import CostConvention, CostModel, cost_summary
 from runners.report import console, render_table, summarise
 from runners.store import RunStore
 
@@ -97,6 +98,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     compressor: Compressor = build_compressor(OmegaConf.to_container(cfg.compressor, resolve=True))
     benchmark: Benchmark = build_benchmark(OmegaConf.to_container(cfg.benchmark, resolve=True))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+    convention = CostConvention(**OmegaConf.to_container(cfg.cost, resolve=True, enum_to_str=True))
 
     with RunStore(output_dir, identity=run_identity(cfg), resume=cfg.resume) as store:
         ids = benchmark.sample_ids()
@@ -106,6 +108,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                  output_dir)
         if todo:
             pipeline = build_pipeline(model_cfg)
+            cost = CostModel(pipeline.model.config, convention, pipeline.model.dtype, compressor)
             scores = [r["score"] for r in store.records(ids)]
             with _progress(cfg.progress) as progress:
                 task = progress.add_task(f"{model_cfg['name']} | {compressor.name} | {benchmark.name}",
@@ -116,7 +119,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                                                max_new_tokens=benchmark.max_new_tokens,
                                                sample_seed=sample_seed(sample.id))
                     score = benchmark.score(result.text, sample)
-                    store.append(sample_record(sample, result, score, cfg.save_provenance))
+                    store.append({**sample_record(sample, result, score, cfg.save_provenance), **cost.sample(result)})
                     scores.append(score["score"])
                     status = f"acc {100 * sum(scores) / len(scores):.1f}% | tokens {result.visual_tokens_after}"
                     progress.update(task, advance=1, status=status)
@@ -128,6 +131,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             "run_dir": str(output_dir),
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         })
+        summary["cost"] = cost_summary(records, convention)
         store.write_summary(summary)
     return summary
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from models.cost import CostConvention
 
 
 class DType(str, Enum):
@@ -68,6 +70,9 @@ class LocalModelConfig:
     device_map: Any = "auto"  # accelerate device_map: "auto", "cpu", "cuda:0", or a dict
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
     prompt_format: PromptFormat = PromptFormat.vicuna_v1
+    random_init: bool = False  # build hub_id's architecture (models/configs/) with random weights, no checkpoint
+    text_layers: Optional[int] = None  # random_init only: build this many decoder layers (None: all)
+    seed: int = 0  # random_init only: the weights' seed
 
 
 @dataclass
@@ -78,15 +83,38 @@ class EvaluateConfig:
     model: Any = MISSING
     compressor: Any = MISSING
     benchmark: Any = MISSING
+    cost: Any = MISSING  # conventions of the per-sample cost figures (conf/cost/, models.cost.CostConvention)
     resume: bool = True  # skip samples already in samples.jsonl (the config must match)
     progress: bool = True  # rich progress bar
     save_provenance: bool = False  # store which source tokens each kept token came from
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
 
 
+@dataclass
+class EfficiencyConfig:
+    """``runners.efficiency``: measured prefill, decode, memory and compressor overhead beside theory."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: Any = MISSING
+    compressor: Any = MISSING
+    cost: Any = MISSING  # convention of the theoretical figures beside the measured ones
+    device_preset: str = "auto"  # peak TFLOP/s for the fraction of peak: auto | none | a100 | h100 | h200
+    image_hw: List[int] = field(default_factory=lambda: [672, 672])  # (height, width): 2x2 grid, 2,928 tokens
+    question: str = "What is written in the image?\nAnswer the question using a single word or phrase."
+    warmup: int = 1  # untimed runs of every measured part first
+    repeats: int = 5  # timed runs; the median is reported
+    decode_tokens: int = 16  # tokens generated per decode measurement (EOS suppressed)
+    flop_check: bool = False  # count one prefill with torch's FlopCounterMode beside the analytic figure
+    resume: bool = True  # reuse efficiency.json of an identical earlier job
+    progress: bool = True
+    num_threads: Optional[int] = None
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="efficiency_schema", node=EfficiencyConfig)
+    store.store(group="cost", name="cost_schema", node=CostConvention)
     store.store(group="model", name="tiny_schema", node=TinyModelConfig)
     store.store(group="model", name="local_schema", node=LocalModelConfig)
 
