@@ -1,9 +1,9 @@
 """Accelerator presets: peak dense throughput and memory bandwidth, for "fraction of peak" figures.
 
 Peaks are the vendors' dense (no sparsity) datasheet figures: tensor-core FP16/BF16, and plain FP32
-(PyTorch does not use TF32 for float32 matmuls unless asked). ``auto`` picks the preset whose name
-appears in the CUDA device's name; ``none`` (or a CPU) has no peak, and figures that need one are
-left empty.
+(PyTorch does not use TF32 for float32 matmuls unless asked). ``auto`` recognises the preset from
+the CUDA device's name (an H100 PCIe card is not an SXM one); ``none``, a CPU or an unrecognised GPU
+has no peak, and figures that need one are left empty.
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ DEVICE_PRESETS = {
                          {"float16": 312.0, "bfloat16": 312.0, "float32": 19.5}, 2039.0, 80.0),
     "h100": DevicePreset("h100", "NVIDIA H100 SXM5 80GB",
                          {"float16": 989.4, "bfloat16": 989.4, "float32": 66.9}, 3350.0, 80.0),
+    "h100_pcie": DevicePreset("h100_pcie", "NVIDIA H100 PCIe 80GB",
+                              {"float16": 756.5, "bfloat16": 756.5, "float32": 51.2}, 2000.0, 80.0),
     "h200": DevicePreset("h200", "NVIDIA H200 SXM 141GB",
                          {"float16": 989.4, "bfloat16": 989.4, "float32": 66.9}, 4800.0, 141.0),
 }
 CHOICES = ("auto", "none", *DEVICE_PRESETS)
+# ``auto``: the first preset whose every word appears in the CUDA device's name (upper case)
+AUTO_MATCH = ((("H200",), "h200"), (("H100", "PCIE"), "h100_pcie"), (("H100",), "h100"), (("A100",), "a100"))
 
 
 def check_preset_name(name: str) -> str:
@@ -58,6 +62,13 @@ def resolve_preset(name: str, device: torch.device) -> DevicePreset | None:
         return DEVICE_PRESETS[name]
     if device.type != "cuda":
         return None
-    gpu = torch.cuda.get_device_name(device).upper()
-    matches = [preset for key, preset in DEVICE_PRESETS.items() if key.upper() in gpu]
-    return matches[0] if len(matches) == 1 else None
+    return auto_preset(torch.cuda.get_device_name(device))
+
+
+def auto_preset(gpu_name: str) -> DevicePreset | None:
+    """The preset ``auto`` picks for a CUDA device name (None if none matches)."""
+    name = gpu_name.upper()
+    for words, preset in AUTO_MATCH:
+        if all(word in name for word in words):
+            return DEVICE_PRESETS[preset]
+    return None

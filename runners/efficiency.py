@@ -239,7 +239,7 @@ class MethodBench:
         with pipeline.llm_stage(self.compressor, self.prepared):
             output = pipeline.model(**pipeline.model_inputs(self.prepared), use_cache=True, logits_to_keep=1)
         peak = torch.cuda.max_memory_allocated(device) / MEGA if device.type == "cuda" else None
-        return {"kv_cache_mb": cache_bytes(output.past_key_values) / MEGA, "peak_memory_mb": peak}
+        return {"kv_cache_mb": cache_bytes(output.cache) / MEGA, "peak_memory_mb": peak}
 
     def own_compress(self) -> bool:
         """Whether the compressor has a vision stage of its own (else ``compress_s`` is vanilla packing)."""

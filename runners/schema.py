@@ -98,7 +98,7 @@ class EfficiencyConfig:
     model: Any = MISSING
     compressor: Any = MISSING
     cost: Any = MISSING  # convention of the theoretical figures beside the measured ones
-    device_preset: str = "auto"  # peak TFLOP/s for the fraction of peak: auto | none | a100 | h100 | h200
+    device_preset: str = "auto"  # peak TFLOP/s for the fraction of peak: auto | none | a100 | h100 | h100_pcie | h200
     image_hw: List[int] = field(default_factory=lambda: [672, 672])  # (height, width): 2x2 grid, 2,928 tokens
     question: str = "What is written in the image?\nAnswer the question using a single word or phrase."
     warmup: int = 1  # untimed runs of every measured part first

@@ -240,10 +240,21 @@ def test_flop_counter_on_the_tiny_model(tiny, name):
     vision = cost.vision_tower(result.layout.num_tiles)["total"]
     assert language == pytest.approx(prefill, rel=0.02) and total - language == pytest.approx(vision, rel=0.02)
     assert (language, total - language) == (prefill, vision)  # exact in practice
+    rows = result.layout.valid_box().height  # vanilla packing: one newline per unpadded row
     if name == "fastv":
         assert result.layer_lengths[:2] == [result.prompt_tokens] * 2
         assert result.layer_lengths[2:] == [result.prompt_tokens - result.visual_tokens_spliced
                                             + result.visual_tokens_after] * 2
+        # the newlines layers >= K keep, from the hook's kept segment positions and the geometry
+        box = result.layout.valid_box()
+        newline_positions = {576 + (row + 1) * (box.width + 1) - 1 for row in range(box.height)}
+        prepared = tiny.prepare(random_image(14, 300), "What is this?", compressor)
+        with torch.inference_mode(), tiny.llm_stage(compressor, prepared) as stage:
+            tiny.model(**tiny.model_inputs(prepared), logits_to_keep=1)
+        kept = len(newline_positions & set(stage.record.kept_segment_index.tolist()))
+        assert result.layer_newlines == [rows, rows, kept, kept]
+    else:  # GlobalCom2's authors' layout: a newline after each of the padded canvas's 24 rows
+        assert result.layer_newlines == [24] * 4 and rows < 24
 
 
 # -- the per-sample keys of runners.evaluate ------------------------------------------------------

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 import runners.resolvers  # noqa: F401
 import runners.schema  # noqa: F401
 from models import build_pipeline
-from models.devices import DEVICE_PRESETS, resolve_preset
+from models.devices import DEVICE_PRESETS, auto_preset, resolve_preset
 from models.random_arch import (
     build_random_llava_next,
     check_fits,
@@ -134,8 +134,11 @@ def test_device_presets():
     assert resolve_preset("h100", torch.device("cpu")).peak(torch.float16) == 989.4
     assert resolve_preset("a100", torch.device("cpu")).peak(torch.bfloat16) == 312.0
     assert resolve_preset("auto", torch.device("cpu")) is None and resolve_preset("none", torch.device("cpu")) is None
-    assert set(DEVICE_PRESETS) == {"a100", "h100", "h200"}
-    with pytest.raises(ValueError, match="unknown device_preset 'v100'.*Allowed: auto, none, a100, h100, h200"):
+    assert {"a100", "h100", "h200"} <= set(DEVICE_PRESETS)
+    assert auto_preset("NVIDIA H100 80GB HBM3").name == "h100" and auto_preset("NVIDIA H100 PCIe").name == "h100_pcie"
+    assert auto_preset("NVIDIA A100-SXM4-80GB").name == "a100" and auto_preset("NVIDIA H200").name == "h200"
+    assert auto_preset("Tesla V100-SXM2-16GB") is None
+    with pytest.raises(ValueError, match="unknown device_preset 'v100'.*Allowed: auto, none, a100, h100, h100_pcie, h200"):
         resolve_preset("v100", torch.device("cpu"))
 
 
