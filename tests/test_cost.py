@@ -25,6 +25,7 @@ from models.cost import (
     CostModel,
     DecoderShape,
     PrefillTokens,
+    cost_summary,
     counted_flops,
     decode_step_flops,
     kv_cache_bytes,
@@ -284,3 +285,14 @@ def test_evaluate_records_and_summary_carry_cost(compose_cfg, tiny, tmp_path, mo
     for key in ("prefill_tflops", "vision_tflops", "kv_cache_mb"):
         assert cost[key] == pytest.approx(statistics.fmean(r[key] for r in records))
     assert cost["convention"]["name"] == "default" and cost["convention"]["attention"] == "full"
+
+
+def test_cost_summary_means_and_convention():
+    records = [{"prefill_tflops": 1.0, "vision_tflops": 0.5, "kv_cache_mb": 10.0},
+               {"prefill_tflops": 3.0, "vision_tflops": 1.5, "kv_cache_mb": 30.0},
+               {"prefill_tflops": 8.0},  # an older record without the other keys
+               {}]
+    summary = cost_summary(records, CostConvention(name="x", attention="causal"))
+    assert (summary["prefill_tflops"], summary["vision_tflops"], summary["kv_cache_mb"]) == (4.0, 1.0, 20.0)
+    assert summary["convention"]["name"] == "x" and summary["convention"]["attention"] == "causal"
+    assert cost_summary([{}], CostConvention())["prefill_tflops"] is None
