@@ -159,6 +159,13 @@ class _DecodeClock(LogitsProcessor):
         self.marks.append(self.clock.mark())
         return scores
 
+    def seconds_per_step(self) -> float:
+        """Mean time between consecutive marks: the first token comes from the prefill, each later
+        one from one decoding forward, so ``n`` marks span ``n - 1`` steps."""
+        if len(self.marks) < 2:
+            raise ValueError(f"need at least 2 generated tokens to time a decoding step, got {len(self.marks)}")
+        return self.clock.seconds(self.marks[0], self.marks[-1]) / (len(self.marks) - 1)
+
 
 def cache_bytes(cache) -> int:
     """Bytes held by a transformers ``Cache``'s key and value tensors (every layer)."""
@@ -189,6 +196,7 @@ class MethodBench:
                                         newline=model.model.image_newline, signals=signals)
         self.generation_config = pipeline.generation_config(decode_tokens)
         self.generation_config.min_new_tokens = decode_tokens  # random weights may emit EOS early
+        self.decode_marks = 0  # logits calls of the last decode run (one per generated token)
         self.parts: dict[str, Callable[[], float]] = {
             "vision_s": self.vision, "signals_s": self.signals, "compress_s": self.compress,
             "prefill_s": self.prefill, "llm_stage_s": self.llm_stage, "decode_s_per_token": self.decode,
@@ -228,7 +236,8 @@ class MethodBench:
         with pipeline.llm_stage(self.compressor, self.prepared):
             pipeline.model.generate(**pipeline.model_inputs(self.prepared), generation_config=self.generation_config,
                                     logits_processor=LogitsProcessorList([marks]))
-        return self.clock.seconds(marks.marks[0], marks.marks[-1]) / (len(marks.marks) - 1)
+        self.decode_marks = len(marks.marks)
+        return marks.seconds_per_step()
 
     @torch.inference_mode()
     def memory(self) -> dict[str, float | None]:
@@ -264,6 +273,7 @@ def measure_all(benches: Sequence[MethodBench], warmup: int, repeats: int, progr
         figures: dict[str, Any] = {part: statistics.median(values) for part, values in kept.items()}
         figures.update(bench.memory())
         figures["ttft_s"] = figures["vision_s"] + figures["compress_s"] + figures["prefill_s"]
+        figures["decode_tokens_timed"] = bench.decode_marks
         measured.append(figures)
     return measured
 

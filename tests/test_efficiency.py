@@ -24,8 +24,10 @@ from models.random_arch import (
     shipped_architectures,
     shipped_config,
 )
+from models.timing import DeviceClock
 from runners.efficiency import (
     EfficiencyTable,
+    _DecodeClock,
     check_arguments,
     compare,
     overhead_seconds,
@@ -62,6 +64,7 @@ def test_efficiency_smoke_on_the_tiny_model(compose_efficiency, tiny, tmp_path):
     for part in ("vision_s", "prefill_s", "decode_s_per_token", "llm_stage_s"):
         assert m[part] > 0 and v[part] > 0 or part == "llm_stage_s" and v[part] == 0
     assert m["signals_s"] == 0 and m["ttft_s"] == m["vision_s"] + m["compress_s"] + m["prefill_s"]
+    assert m["decode_tokens_timed"] == v["decode_tokens_timed"] == 2  # EOS suppressed: every token generated
     # the real KV cache after the prefill is what the cost model says (model dtype, every token)
     assert m["kv_cache_mb"] == pytest.approx(t["kv_cache_mb"]) and v["kv_cache_mb"] == pytest.approx(tv["kv_cache_mb"])
     assert m["kv_cache_mb"] < v["kv_cache_mb"]
@@ -95,6 +98,15 @@ def test_efficiency_smoke_on_the_tiny_model(compose_efficiency, tiny, tmp_path):
     assert list(rows["compressor"]) == ["none", "fastv", "fastv"] and rows["skipped"].notna().tolist() == [False,
                                                                                                            False, True]
     assert len(json.loads((tmp_path / "efficiency_results.json").read_text())) == 3
+
+
+def test_decode_time_per_step():
+    clock = _DecodeClock(DeviceClock(torch.device("cpu")))
+    clock.marks = [10.0, 10.5, 11.0, 11.6]  # 4 tokens: the first from the prefill, then 3 decoding steps
+    assert clock.seconds_per_step() == pytest.approx(1.6 / 3)  # (11.6 - 10.0) s over 3 steps
+    clock.marks = [1.0]
+    with pytest.raises(ValueError, match="at least 2 generated tokens"):
+        clock.seconds_per_step()
 
 
 def test_overhead_counts_the_compressors_own_work():
