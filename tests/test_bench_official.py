@@ -105,6 +105,9 @@ def test_pope_equals_eval_pope_and_lmms_eval(variant):
     expected = ref["official"] if variant == "llava" else ref["lmms_eval"]
     assert len(expected) == 15
     assert {k: metrics[k] for k in expected} == {k: v * 100 for k, v in expected.items()}
+    splits = ("adversarial", "popular", "random")  # what LLaVA-NeXT papers print: the mean over the splits
+    assert metrics["f1"] == sum(expected[f"f1/{s}"] for s in splits) / 3 * 100
+    assert metrics["accuracy"] == sum(expected[f"accuracy/{s}"] for s in splits) / 3 * 100
     if variant == "lmms_eval":
         assert [r["score"] for r in records] == [s["lmms_eval_score"] for s in ref["samples"]]
 

@@ -109,6 +109,7 @@ def test_textvqa_scorer_records_normalized_prediction():
     ("not sure", "no", "no"),            # "no" inside the first 4 characters
     ("snow", "no", "no"),
     ("I think yes", "other", "other"),   # only the first 4 characters are looked at
+    ("A yes.", "other", "other"),
     ("y", "other", "yes"), ("n", "other", "no"),  # lmms-eval accepts a lone y / n
     ("", "other", "other"), ("YES.", "yes", "yes"),
 ])
