@@ -9,7 +9,7 @@ first use (``sample_ids``, ``len``, indexing), so configs can be checked without
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,7 +73,3 @@ def write_json(path: Path, payload: Any) -> Path:
     """A submission file, UTF-8, written in one go."""
     path.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
     return path
-
-
-def records_by_id(records: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    return {r["id"]: r for r in records}

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from benchmarks.base import Scorer
+from benchmarks.base import DataRootError, Scorer
 from benchmarks.data import Base64Image, Entry, Expected, ParquetImage, ParquetTable
 from benchmarks.local import LETTER_ANSWER, LLAVA_EVAL_DOCS, LocalBenchmark
 from benchmarks.registry import register_benchmark
@@ -84,6 +84,8 @@ def infer_text(answer: str, options: Mapping[str, str]) -> str | None:
 class MMBenchScorer(Scorer):
     """Rule-based letter extraction, plain and circular accuracy (see the module doc)."""
 
+    label: ClassVar[str] = "MMB"
+
     def score(self, prediction: str, reference: Sequence[str], meta: Mapping[str, Any]) -> dict[str, Any]:
         parsed = infer_option(prediction) or infer_text(prediction, meta["choices"]) or ""
         return {"score": float(parsed == reference[0]) if reference else None, "parsed_prediction": parsed}
@@ -106,8 +108,6 @@ class MMBenchScorer(Scorer):
         for category in sorted(by_category):
             metrics[f"accuracy_circular/{category}"] = sum(by_category[category]) / len(by_category[category]) * 100
         return metrics
-
-    label: ClassVar[str] = "MMB"
 
     def headline(self, metrics: Mapping[str, float]) -> dict[str, Any] | None:
         if "accuracy_circular" not in metrics:
@@ -174,7 +174,6 @@ class MMBench(LocalBenchmark):
         try:
             frame = pd.read_table(self.root.file(self.tsv))
         except (OSError, ValueError) as error:
-            from benchmarks.base import DataRootError
             raise DataRootError(f"{self.name}: cannot read {self.tsv}: {error}. Get it from: "
                                 f"{self.sources['llava']}") from None
         entries = []

@@ -143,13 +143,14 @@ class ScienceQAImg(LocalBenchmark):
             try:
                 question, choices, hint, answer = self._problem_fields(problem)
                 prompt = item["conversations"][0]["value"].replace("<image>", "").strip() + LETTER_ANSWER
+                letter = OPTIONS[answer]
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
                 entries.append(Entry(id=f"pid-{pid}", error=f"problem {pid} is malformed or missing from "
                                                             f"{PROBLEMS}: {error!r}"))
                 keys.append(f"pid-{pid}")
                 continue
             keys.append(content_id(question, choices, hint, answer))
-            entries.append(Entry(id="", question=prompt, answers=(OPTIONS[answer],),
+            entries.append(Entry(id="", question=prompt, answers=(letter,),
                                  meta={"pid": pid, "num_choices": len(choices)},
                                  image=FileImage(self.root, item["image"], IMAGES)))
         for entry, id_ in zip(entries, with_repeats(keys)):
@@ -164,7 +165,8 @@ class ScienceQAImg(LocalBenchmark):
         for row in range(len(table)):
             try:
                 question, choices, hint, answer = self._problem_fields({k: columns[k][row] for k in columns})
-            except (KeyError, TypeError, ValueError) as error:
+                letter = OPTIONS[answer]
+            except (KeyError, IndexError, TypeError, ValueError) as error:
                 entries.append(Entry(id=f"row-{row}", error=f"row {row} is malformed: {error!r}"))
                 keys.append(f"row-{row}")
                 continue
@@ -172,7 +174,7 @@ class ScienceQAImg(LocalBenchmark):
             lines = "\n".join(f"{letter}. {choice}" for letter, choice in zip(OPTIONS, choices))
             keys.append(content_id(question, choices, hint, answer))
             entries.append(Entry(id="", question=f"{context}{question}\n{lines}{LETTER_ANSWER}",
-                                 answers=(OPTIONS[answer],), meta={"num_choices": len(choices)},
+                                 answers=(letter,), meta={"num_choices": len(choices)},
                                  image=ParquetImage(table, row)))
         for entry, id_ in zip(entries, with_repeats(keys)):
             entry.id = id_

@@ -86,6 +86,9 @@ def test_failed_samples_are_counted_and_the_run_goes_on(run_cfg, tmp_path):
     assert summary["metrics"]["accuracy"] in (0.0, 50.0, 100.0)  # over the 2 scored samples
     again = evaluate(cfg, tmp_path / "run")  # resume: nothing left to run, failures are not retried
     assert without_timings(again) == without_timings(summary)
+    moved = root.rename(tmp_path / "moved")  # the data's location is not part of the run's identity
+    assert evaluate(run_cfg("benchmark=gqa", f"benchmark.root={moved}", "benchmark.max_new_tokens=1",
+                            "compressor=pooling", "compressor.ratio=0.1"), tmp_path / "run")["num_samples"] == 2
     assert rescore(tmp_path / "run")[0] == json.loads((tmp_path / "run" / "summary.json").read_text())
     assert json.loads((tmp_path / "run" / "testdev_balanced_predictions.json").read_text())[0]["questionId"] == \
         "20968379"
