@@ -5,7 +5,10 @@ Kept free of benchmark state so a score can be recomputed from a stored predicti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from benchmarks.base import Scorer
 
 ARTICLES = frozenset({"a", "an", "the"})
 NUMBER_WORDS = {
@@ -33,3 +36,10 @@ def exact_match(prediction: str, answers: Iterable[str]) -> float:
     """1.0 when the normalised prediction equals any normalised reference answer, else 0.0."""
     normalized = normalize_answer(prediction)
     return float(any(normalized == normalize_answer(answer) for answer in answers))
+
+
+class ExactMatchScorer(Scorer):
+    """Exact match after ``normalize_answer`` against any reference (the synthetic benchmark's rule)."""
+
+    def score(self, prediction: str, reference: Sequence[str], meta: Mapping[str, Any]) -> dict[str, Any]:
+        return {"score": exact_match(prediction, reference), "normalized_prediction": normalize_answer(prediction)}

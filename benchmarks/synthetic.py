@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.base import Benchmark, Sample, check_positive_int
 from benchmarks.registry import register_benchmark
-from benchmarks.scoring import exact_match, normalize_answer
+from benchmarks.scoring import ExactMatchScorer
 
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -233,6 +233,7 @@ class SyntheticBenchmark(Benchmark):
     def _load(self, index: int) -> Sample:
         return make_sample(self.seed, index)
 
-    def score(self, prediction: str, sample: Sample) -> dict[str, Any]:
-        """Exact match after ``normalize_answer`` against any reference answer."""
-        return {"score": exact_match(prediction, sample.answers), "normalized_prediction": normalize_answer(prediction)}
+    @classmethod
+    def build_scorer(cls, variant: str = "llava") -> ExactMatchScorer:
+        """Exact match after ``normalize_answer`` against any reference answer (one rule for every variant)."""
+        return ExactMatchScorer(variant)

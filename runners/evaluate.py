@@ -28,10 +28,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import runners.resolvers  # noqa: F401  (registers OmegaConf resolvers used in conf/hydra)
 import runners.schema  # noqa: F401  (registers the structured-config schemas)
 from benchmarks import Benchmark, Sample, build_benchmark
+from benchmarks.base import SampleError
 from compressors import Compressor, build_compressor
 from models import GenerationResult, build_pipeline
-from models.cost import CostConvention, CostModel, cost_summary
-from runners.report import console, render_table, summarise
+from models.cost import CostConvention, CostModel
+from runners.report import console, render_table
+from runners.scoring import failed_record, running_accuracy, summarise_run
 from runners.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     for key in (*VOLATILE_KEYS, "paths"):
         container.pop(key, None)
     container.get("benchmark", {}).pop("limit", None)  # growing a run's limit extends it
+    container.get("benchmark", {}).pop("root", None)  # where the data lives, not what it is
     return container
 
 
@@ -100,8 +103,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     convention = CostConvention(**OmegaConf.to_container(cfg.cost, resolve=True, enum_to_str=True))
 
+    ids = benchmark.sample_ids()  # reads the data root: a missing one fails here, before anything is written
     with RunStore(output_dir, identity=run_identity(cfg), resume=cfg.resume) as store:
-        ids = benchmark.sample_ids()
         done = store.completed_ids()
         todo = [i for i, sample_id in enumerate(ids) if sample_id not in done]
         log.info("%s: %d samples, %d already done, writing to %s", compressor, len(ids), len(ids) - len(todo),
@@ -109,30 +112,36 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         if todo:
             pipeline = build_pipeline(model_cfg)
             cost = CostModel(pipeline.model.config, convention, pipeline.model.dtype, compressor)
-            scores = [r["score"] for r in store.records(ids)]
+            scores = [r.get("score") for r in store.records(ids)]
             with _progress(cfg.progress) as progress:
                 task = progress.add_task(f"{model_cfg['name']} | {compressor.name} | {benchmark.name}",
                                          total=len(ids), completed=len(ids) - len(todo), status="")
                 for index in todo:
-                    sample = benchmark[index]
+                    try:
+                        sample = benchmark[index]
+                    except SampleError as error:  # malformed record or unreadable image: recorded, the run goes on
+                        store.append(failed_record(ids[index], error))
+                        progress.update(task, advance=1, status=f"failed: {ids[index]}")
+                        continue
                     result = pipeline.generate(sample.image, sample.question, compressor,
                                                max_new_tokens=benchmark.max_new_tokens,
                                                sample_seed=sample_seed(sample.id))
                     score = benchmark.score(result.text, sample)
                     store.append({**sample_record(sample, result, score, cfg.save_provenance), **cost.sample(result)})
                     scores.append(score["score"])
-                    status = f"acc {100 * sum(scores) / len(scores):.1f}% | tokens {result.visual_tokens_after}"
+                    status = f"{running_accuracy(scores)}tokens {result.visual_tokens_after}"
                     progress.update(task, advance=1, status=status)
         records = store.records(ids)
-        summary = summarise(records, benchmark.aggregate(records), run={
+        summary = summarise_run(benchmark.scorer, records, run={
             "model": model_cfg["name"],
             "benchmark": benchmark.name,
             "compressor": compressor.describe(),
             "run_dir": str(output_dir),
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         })
-        summary["cost"] = cost_summary(records, convention)
         store.write_summary(summary)
+        for path in benchmark.write_submission(records, Path(output_dir)):
+            log.info("submission file: %s", path)
     return summary
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -69,18 +71,81 @@ def sweep_jobs(cfg) -> list[list[str]]:
     return jobs
 
 
+def job_configs(compose, experiment: str, jobs: list[list[str]]):
+    """Each job's ``(compressor, benchmark)`` config nodes.
+
+    Composing every job of a paper preset (4 methods x 4 ratios x 10 benchmarks) through Hydra would
+    cost minutes, so the preset is composed once and each job's nodes are built as Hydra builds
+    them: the chosen group file, the preset's own values for that group on top, then the job's
+    value overrides (``compressor.ratio=0.1``). The first and last jobs are also composed whole by
+    Hydra, and must give the same nodes.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    base = compose([f"experiment={experiment}"])
+    preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+
+    @functools.lru_cache(maxsize=None)
+    def group_node(group: str, overrides: tuple[str, ...]):
+        return node(list(overrides), group)
+
+    def node(job: list[str], group: str):
+        cfg = OmegaConf.create(OmegaConf.to_container(base))
+        choice = next((o.split("=")[1] for o in job if o.split("=")[0] == group), None)
+        if choice is not None:
+            assert (CONF / group / f"{choice}.yaml").exists(), f"{experiment}: no config {group}/{choice}"
+            cfg[group] = OmegaConf.merge(OmegaConf.load(CONF / group / f"{choice}.yaml"), preset.get(group) or {})
+        for override in parser.parse_overrides([o for o in job if o.startswith(f"{group}.")]):
+            OmegaConf.update(cfg, override.get_key_element(), override.value())
+        return OmegaConf.to_container(cfg[group], resolve=True)
+
+    def mine(job: list[str], group: str) -> tuple[str, ...]:
+        return tuple(o for o in job if o.split("=")[0].split(".")[0] == group)
+
+    for job in jobs:
+        yield job, *(copy.deepcopy(group_node(g, mine(job, g))) for g in ("compressor", "benchmark"))
+    for job in (jobs[0], jobs[-1]):
+        whole = compose([f"experiment={experiment}", *job])
+        expected = [OmegaConf.to_container(whole[g], resolve=True) for g in ("compressor", "benchmark")]
+        assert [node(job, "compressor"), node(job, "benchmark")] == expected
+        yield job, *expected
+
+
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_job_composes_and_builds(compose_cfg, experiment):
-    """Expand the preset's sweep and build every job's compressor at every ratio it lists: a typo in a
-    method name or a ratio of 1.5 fails here, not hours into the sweep."""
+    """Expand the preset's sweep and build every job's compressor and benchmark: a typo in a method
+    or benchmark name, or a ratio of 1.5, fails here, not hours into the sweep."""
     cfg = compose_cfg([f"experiment={experiment}"], return_hydra_config=True)
     build_compressor(OmegaConf.to_container(cfg.compressor, resolve=True))
     jobs = sweep_jobs(cfg)
     assert len(jobs) >= 1
-    for job in jobs:
-        job_cfg = compose_cfg([f"experiment={experiment}", *job])
-        build_compressor(OmegaConf.to_container(job_cfg.compressor, resolve=True))
-        build_benchmark(OmegaConf.to_container(job_cfg.benchmark, resolve=True))
+    built = 0
+    for job, compressor, benchmark in job_configs(compose_cfg, experiment, jobs):
+        described = build_compressor(compressor).describe()
+        for override in job:  # the job's own values reached the built compressor
+            key, value = override.split("=")
+            if key == "compressor":
+                assert described["name"] == value
+            elif key == "compressor.ratio":
+                assert described["ratio"] == float(value)
+        bench = build_benchmark(benchmark)
+        assert all(bench.name == o.split("=")[1] for o in job if o.startswith("benchmark="))
+        built += 1
+    assert built == len(jobs) + 2
+
+
+def test_paper_presets_sweep_the_papers_grid(compose_cfg):
+    """LLaVA-NeXT-7B and 13B: 4 methods x 4 ratios x 10 benchmarks, in the paper's benchmark order."""
+    order = "gqa,mmbench,mmbench_cn,mme,pope,scienceqa_img,vqav2,textvqa,vizwiz,seed_bench".split(",")
+    for size in ("7b", "13b"):
+        cfg = compose_cfg([f"experiment=paper_llava_next_{size}"], return_hydra_config=True)
+        assert cfg.model.name == f"llava_next_{size}" and cfg.model.dtype == "float16"
+        jobs = sweep_jobs(cfg)
+        assert len(jobs) == 4 * 4 * 10
+        assert {j[0] for j in jobs} == {f"compressor={c}" for c in ("random", "pooling", "fastv", "globalcom2")}
+        assert sorted({j[1] for j in jobs}) == [f"compressor.ratio={r}" for r in ("0.1", "0.25", "0.5", "0.75")]
+        assert [j[2].split("=")[1] for j in jobs[:10]] == order
 
 
 def test_sweep_expansion_catches_a_bad_preset(compose_cfg, tmp_path):
