@@ -82,6 +82,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     layer_lengths: list[int] = field(default_factory=list)
     layer_newlines: list[int] = field(default_factory=list)
+    first_token_logits: torch.Tensor | None = None  # [vocab] float32 on CPU, when asked for (fidelity)
 
 
 @dataclass
@@ -116,12 +117,14 @@ class LlavaNextPipeline:
         prompt = format_prompt(question, self.prompt_format)
         return self.processor(images=image, text=prompt, return_tensors="pt")
 
-    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
-        """Greedy decoding, one beam, the model's own eos/pad ids."""
+    def generation_config(self, max_new_tokens: int, output_logits: bool = False) -> GenerationConfig:
+        """Greedy decoding, one beam, the model's own eos/pad ids (``output_logits``: also return the
+        raw logits of every step, in a ``GenerateDecoderOnlyOutput``)."""
         base = self.model.generation_config
         return GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id, bos_token_id=base.bos_token_id,
+            output_logits=output_logits, return_dict_in_generate=output_logits,
         )
 
     @torch.inference_mode()
@@ -190,8 +193,13 @@ class LlavaNextPipeline:
         compressor: Compressor,
         max_new_tokens: int,
         sample_seed: int = 0,
+        first_token_logits: bool = False,
     ) -> GenerationResult:
-        """Answer ``question`` about ``image`` with ``compressor`` applied; greedy, batch size 1."""
+        """Answer ``question`` about ``image`` with ``compressor`` applied; greedy, batch size 1.
+
+        ``first_token_logits=True`` also returns the raw logits the first answer token was chosen
+        from (the prefill's last position), for fidelity to the uncompressed model.
+        """
         device = self.device
         prepared = self.prepare(image, question, compressor, sample_seed)
         stage = self.llm_stage(compressor, prepared)
@@ -201,7 +209,7 @@ class LlavaNextPipeline:
         with stage:
             output = self.model.generate(
                 **self.model_inputs(prepared),
-                generation_config=self.generation_config(max_new_tokens),
+                generation_config=self.generation_config(max_new_tokens, output_logits=first_token_logits),
                 logits_processor=LogitsProcessorList([clock]),
             )
         synchronize(device)
@@ -211,7 +219,8 @@ class LlavaNextPipeline:
         timings["decode_s"] = end - (clock.first_call or end)
 
         input_ids = prepared.input_ids
-        new_ids = output[0, input_ids.shape[1]:]
+        sequences = output.sequences if first_token_logits else output  # [1, N' + new]
+        new_ids = sequences[0, input_ids.shape[1]:]
         text = self.processor.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         spliced = prepared.segment.num_tokens
         provenance = prepared.segment.provenance
@@ -239,4 +248,5 @@ class LlavaNextPipeline:
             timings=timings,
             layer_lengths=layer_lengths,
             layer_newlines=layer_newlines,
+            first_token_logits=output.logits[0][0].float().cpu() if first_token_logits else None,
         )

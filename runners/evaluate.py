@@ -32,6 +32,7 @@ from benchmarks.base import SampleError
 from compressors import Compressor, build_compressor
 from models import GenerationResult, build_pipeline
 from models.cost import CostConvention, CostModel
+from runners.fidelity import FidelityReference
 from runners.report import console, render_table
 from runners.scoring import failed_record, running_accuracy, summarise_run
 from runners.store import RunStore
@@ -39,7 +40,7 @@ from runners.store import RunStore
 log = logging.getLogger(__name__)
 
 # Settings that do not change results: excluded from the run identity checked on resume.
-VOLATILE_KEYS = ("resume", "progress", "num_threads", "save_provenance")
+VOLATILE_KEYS = ("resume", "progress", "num_threads", "save_provenance", "eval")
 
 
 def sample_seed(sample_id: str) -> int:
@@ -109,6 +110,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         todo = [i for i, sample_id in enumerate(ids) if sample_id not in done]
         log.info("%s: %d samples, %d already done, writing to %s", compressor, len(ids), len(ids) - len(todo),
                  output_dir)
+        fidelity = FidelityReference.from_config(cfg) if OmegaConf.select(cfg, "eval.fidelity") else None
         if todo:
             pipeline = build_pipeline(model_cfg)
             cost = CostModel(pipeline.model.config, convention, pipeline.model.dtype, compressor)
@@ -125,9 +127,13 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                         continue
                     result = pipeline.generate(sample.image, sample.question, compressor,
                                                max_new_tokens=benchmark.max_new_tokens,
-                                               sample_seed=sample_seed(sample.id))
+                                               sample_seed=sample_seed(sample.id),
+                                               first_token_logits=fidelity is not None)
                     score = benchmark.score(result.text, sample)
-                    store.append({**sample_record(sample, result, score, cfg.save_provenance), **cost.sample(result)})
+                    record = {**sample_record(sample, result, score, cfg.save_provenance), **cost.sample(result)}
+                    if fidelity is not None:
+                        record.update(fidelity.compare(pipeline, sample, result, compressor, benchmark.max_new_tokens))
+                    store.append(record)
                     scores.append(score["score"])
                     status = f"{running_accuracy(scores)}tokens {result.visual_tokens_after}"
                     progress.update(task, advance=1, status=status)

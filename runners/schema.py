@@ -76,6 +76,14 @@ class LocalModelConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Extra per-sample measurements; none changes an answer, so none is part of the run identity."""
+
+    fidelity: bool = False  # compare every sample with the uncompressed model (runners.fidelity)
+    fidelity_cache: str = "${paths.output_dir}/cache/fidelity"  # uncompressed references, one file per sample
+
+
+@dataclass
 class EvaluateConfig:
     """``runners.evaluate``: model x compressor x benchmark, one run directory per combination."""
 
@@ -88,6 +96,7 @@ class EvaluateConfig:
     progress: bool = True  # rich progress bar
     save_provenance: bool = False  # store which source tokens each kept token came from
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
