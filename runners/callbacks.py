@@ -1,4 +1,5 @@
-"""Hydra callback: after a multirun, print one results table and write it as CSV."""
+"""Hydra callback: after a multirun, print one results table and write it as CSV, then the paper table
+and the figures (``runners.report``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runners.report import collect_summaries, console, render_table, summary_row, write_csv
+from runners.report import (collect_summaries, console, print_study, render_table, scan_runs, summary_row,
+                            write_csv, write_report)
 from runners.store import SUMMARY_FILE
 
 MULTIRUN_CSV = "multirun_results.csv"
+REPORT_DIR = "report"  # the sweep's paper table (md, tex, csv) and figures
 
 
 class ResultsTable(Callback):
@@ -37,3 +40,7 @@ class ResultsTable(Callback):
         console().print(render_table(summaries, title=f"multirun: {len(summaries)} runs"))
         csv_path = write_csv([summary_row(s) for s in summaries], sweep_dir / MULTIRUN_CSV)
         console().print(f"table written to {csv_path}")
+        scan = scan_runs(self.job_dirs or [sweep_dir])  # the paper table and figures of this sweep's runs
+        print_study(scan, console())
+        written = write_report(scan, sweep_dir / REPORT_DIR)
+        console().print(f"paper table and figures written to {sweep_dir / REPORT_DIR} ({len(written)} files)")
