@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,6 +35,26 @@ def test_divergence_is_kl_of_the_softmaxes_by_hand():
     assert first_token_divergence(reference, reference + 3.0) == (0.0, True)  # a shift leaves the softmax
     with pytest.raises(ValueError, match="another model"):
         first_token_divergence(reference, torch.zeros(5))
+
+
+def test_compare_against_a_cached_reference(tmp_path):
+    """The cache and the per-sample figures without a model: answers that differ, a cache hit, the none run's
+    own result stored as the reference."""
+    cache = runners.fidelity.FidelityReference(tmp_path / "cache", {"model": "m"})
+    sample = SimpleNamespace(id="s/1")
+    none, other = SimpleNamespace(name="none"), SimpleNamespace(name="random")
+    reference = torch.tensor([3.0, 1.0, 0.0])
+    stored = cache.compare(None, sample, SimpleNamespace(text="red", first_token_logits=reference), none, 4)
+    assert stored == {"fidelity_answer_match": 1.0, "fidelity_first_token_kl": 0.0, "fidelity_first_token_top1": 1.0}
+    assert cache.computed == 0 and cache.load("s/1").answer == "red"
+    logits = torch.tensor([0.0, 2.0, 0.0])
+    figures = cache.compare(None, sample, SimpleNamespace(text="blue", first_token_logits=logits), other, 4)
+    assert figures["fidelity_answer_match"] == 0.0 and figures["fidelity_first_token_top1"] == 0.0
+    assert figures["fidelity_first_token_kl"] == pytest.approx(first_token_divergence(reference, logits)[0])
+    assert json.loads((tmp_path / "cache" / "key.json").read_text()) == {"model": "m"}
+    cache.path("s/2").write_bytes(cache.path("s/1").read_bytes())  # a file under another sample's name
+    with pytest.raises(RuntimeError, match="not 's/2'"):
+        cache.load("s/2")
 
 
 @pytest.fixture(scope="module")

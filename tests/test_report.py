@@ -94,7 +94,8 @@ def _run(root, benchmark, name, ratio, score, tokens, *, headline=None, fidelity
     """A finished run directory: summary.json and n sample lines."""
     run = root / "tiny" / benchmark / (folder or f"{name}-{ratio}")
     run.mkdir(parents=True)
-    summary = _summary(name, ratio, score if accuracy is None else accuracy, tokens, tokens, **options)
+    # the last layer sees fewer tokens than the layer mean (as for FastV): the table shows the layer mean
+    summary = _summary(name, ratio, score if accuracy is None else accuracy, tokens / 2, tokens, **options)
     summary.update(benchmark=benchmark, num_samples=n, run_dir=str(run))
     summary["timings_mean_s"]["prefill_s"] = prefill_s
     if headline is not None:
@@ -122,7 +123,7 @@ TOKENS = {("none", 1.0): 2000.0, ("fastv", 0.5): 1000.0, ("globalcom2", 0.5): 10
           ("globalcom2", 0.25): 524.0}
 TFLOPS = {("none", 1.0): 41.7, ("fastv", 0.5): 21.0, ("globalcom2", 0.5): 20.0, ("fastv", 0.25): 11.0,
           ("globalcom2", 0.25): 10.0}
-OFFSET = {"pope": 0.0, "gqa": 3.0, "mme": 6.0}
+OFFSET = {"pope": 0.0, "gqa": 2.0, "mme": 7.0}
 FIDELITY = {("fastv", 0.5): (75.0, 0.2, 90.0), ("globalcom2", 0.5): (80.0, 0.1, 95.0),
             ("fastv", 0.25): (50.0, 0.4, 70.0),
             ("globalcom2", 0.25): (60.0, 0.3, 80.0), ("none", 1.0): (100.0, 0.0, 100.0)}
@@ -202,7 +203,7 @@ def test_paper_table_values_order_and_gaps(study):
     assert values.loc[("Retain 50%", "fastv"), "Avg. (%)"] == pytest.approx(100 * sum(fastv) / 3)
     assert values.loc[("Retain 25%", "globalcom2"), "Avg. (%)"] == pytest.approx(50 * (56.5 / 60 + 1400 / 1500))
     assert values.loc[("Upper bound", "none"), "Avg. (%)"] == pytest.approx(100.0)
-    # fidelity and cost: means over the row's benchmarks (offsets 0, 3, 6 -> +3; gqa and mme only -> +4.5)
+    # fidelity and cost: means over the row's benchmarks (offsets 0, 2, 7 -> +3; gqa and mme only -> +4.5)
     row = values.loc[("Retain 25%", "fastv")]
     assert row["Agree (%)"] == pytest.approx(53.0) and row["KL"] == pytest.approx(0.43)
     assert row["Top-1 (%)"] == pytest.approx(73.0)
@@ -266,3 +267,42 @@ def test_report_cli_formats(study, tmp_path, capsys):
     assert main([str(study)]) == 0  # rich, on the console
     assert "paper table" in capsys.readouterr().out
     assert main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_fidelity_summary_and_columns_by_hand():
+    from runners.fidelity import summarise_fidelity
+
+    records = [{"fidelity_answer_match": 1.0, "fidelity_first_token_kl": 0.2, "fidelity_first_token_top1": 1.0},
+               {"fidelity_answer_match": 0.0, "fidelity_first_token_kl": 0.4, "fidelity_first_token_top1": 1.0},
+               {"fidelity_answer_match": 0.0, "fidelity_first_token_kl": 0.9, "fidelity_first_token_top1": 0.0},
+               {"id": "made without eval.fidelity"}]
+    fidelity = summarise_fidelity(records)
+    assert fidelity["answer_agreement"] == pytest.approx(100 / 3) and fidelity["first_token_top1"] == pytest.approx(
+        200 / 3)
+    assert fidelity["first_token_kl"] == pytest.approx(0.5) and fidelity["samples"] == 3
+    assert summarise_fidelity([{"id": "a"}]) is None
+    base = [_record(1000, 250, 250.0, 0.0, 0.1)] * 4
+    summary = summarise([{**b, **r} for b, r in zip(base, records)], {"accuracy": 0.0}, run={})
+    assert summary["fidelity"] == fidelity
+    assert "fidelity" not in summarise(base, {"accuracy": 0.0}, run={})
+
+    flat = _summary("random", 0.25, 0.0, 500.0, 500.0)
+    flat.update(fidelity=fidelity, cost={"prefill_tflops": 1.5, "convention": {"x": 1}},
+                headline={"metric": "accuracy", "label": "GQA", "value": 61.9, "unit": "%"})
+    row = summary_row(flat)
+    assert row["fidelity/first_token_kl"] == 0.5 and row["cost/prefill_tflops"] == 1.5 and "cost/convention" not in row
+    assert row["headline/label"] == "GQA" and row["headline/value"] == 61.9
+    cells = {c.header: c._cells[0] for c in render_table([flat]).columns}
+    assert (cells["agree %"], cells["first-token KL"], cells["top-1 %"]) == ("33.3", "0.500", "66.7")
+    assert "agree %" not in {c.header for c in render_table([_summary("random", 0.25, 0.0, 5.0, 5.0)]).columns}
+
+
+def test_a_summary_newer_than_its_records_is_finished(tmp_path):
+    """A rerun with a smaller benchmark.limit summarises fewer samples than the file holds: not unfinished."""
+    from runners.report import scan_runs
+
+    run = _run(tmp_path, "gqa", "random", 0.25, 10.0, 500.0, n=2)
+    (run / "samples.jsonl").write_text('{"id": "x"}\n' * 5)
+    os.utime(run / "samples.jsonl", ns=(1_000_000_000, 1_000_000_000))
+    scan = scan_runs([tmp_path])
+    assert not scan.incomplete and len(scan.summaries) == 1
