@@ -16,6 +16,7 @@ drawn; ``write_plots`` says why instead. With several models, each figure is dra
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -38,9 +39,14 @@ def _benchmarks(frame: pd.DataFrame) -> list[str]:
     return sorted(names, key=lambda b: (PAPER_ORDER.index(b) if b in PAPER_ORDER else len(PAPER_ORDER), b))
 
 
-def _colours(methods: list[str]) -> dict[str, tuple]:
+MARKERS = "osD^vP*X<>"
+
+
+def _styles(methods: list[str]) -> dict[str, dict]:
+    """A colour, marker and size per method; sizes shrink so that coinciding points stay visible."""
     cmap = plt.get_cmap("tab10")
-    return {m: cmap(i % 10) for i, m in enumerate(sorted(methods))}
+    return {m: {"color": cmap(i % 10), "marker": MARKERS[i % len(MARKERS)], "markersize": max(4.0, 10.0 - 1.5 * i),
+                "linestyle": "-"} for i, m in enumerate(sorted(methods))}
 
 
 def _ratio_axis(ax, ratios: pd.Series) -> None:
@@ -62,14 +68,20 @@ def _upper_bound(ax, score: float) -> None:
 def _panels(count: int, width: float = 4.0, height: float = 3.2):
     cols = min(count, 5)
     rows = -(-count // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 2.2, height * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:count])
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, axes, path: Path) -> Path:
+    """One legend for the figure, outside the panels (so it hides no point), then the PNG."""
+    labels: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend(labels.values(), labels.keys(), loc="outside right upper", fontsize=8)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -79,23 +91,22 @@ def plot_score_vs_ratio(frame: pd.DataFrame, path: str | Path, title: str = "") 
     """Score against retention ratio per benchmark; a line per method; the upper bound dashed."""
     runs = _finished(frame)
     benchmarks = _benchmarks(runs)
-    colours = _colours(runs.loc[runs["compressor"] != "none", "method"].unique().tolist())
+    styles = _styles(runs.loc[runs["compressor"] != "none", "method"].unique().tolist())
     fig, axes = _panels(len(benchmarks))
     for ax, benchmark in zip(axes, benchmarks):
         of = runs[runs["benchmark"] == benchmark]
         for method, line in of[of["compressor"] != "none"].groupby("method"):
             line = line.sort_values("ratio")
-            ax.plot(line["ratio"], line["score"], "o-", color=colours[method], label=method)
+            ax.plot(line["ratio"], line["score"], label=method, **styles[method])
         for score in of.loc[of["compressor"] == "none", "score"].head(1):
             _upper_bound(ax, float(score))
         unit = of["score_unit"].iloc[0]
         ax.set_title(str(of["score_label"].iloc[0]))
         ax.set_ylabel(f"score ({unit})")
         _ratio_axis(ax, of["ratio"])
-    axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, Path(path))
+    return _save(fig, axes, Path(path))
 
 
 def pareto_front(cost: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -114,7 +125,7 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, cost: str = "prefill_tflo
     runs = _finished(frame)
     runs = runs[runs[cost].notna()]
     benchmarks = _benchmarks(runs)
-    colours = _colours(runs.loc[runs["compressor"] != "none", "method"].unique().tolist())
+    styles = _styles(runs.loc[runs["compressor"] != "none", "method"].unique().tolist())
     fig, axes = _panels(len(benchmarks))
     xlabel = "prefill TFLOPs" if cost == "prefill_tflops" else "prefill ms"
     for ax, benchmark in zip(axes, benchmarks):
@@ -126,15 +137,14 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, cost: str = "prefill_tflo
             if (line["compressor"] == "none").all():
                 ax.plot(line[cost], line["score"], "k*", markersize=11, label="upper bound (none)")
             else:
-                ax.plot(line[cost], line["score"], "o-", color=colours[method], label=method)
+                ax.plot(line[cost], line["score"], label=method, **styles[method])
         ax.set_title(str(of["score_label"].iloc[0]))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"score ({of['score_unit'].iloc[0]})")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, Path(path))
+    return _save(fig, axes, Path(path))
 
 
 def mean_over_benchmarks(frame: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -148,21 +158,20 @@ def plot_curves(means: dict[str, pd.DataFrame], path: str | Path, reference: dic
                 title: str = "") -> Path:
     """One panel per measure (``{ylabel: frame of method, ratio, value}``), a line per method."""
     methods = sorted({m for f in means.values() for m in f.loc[f["compressor"] != "none", "method"]})
-    colours = _colours(methods)
+    styles = _styles(methods)
     fig, axes = _panels(len(means), width=4.6, height=3.4)
     for ax, (label, table) in zip(axes, means.items()):
         value = table.columns[-1]
         for method, line in table[table["compressor"] != "none"].groupby("method"):
             line = line.sort_values("ratio")
-            ax.plot(line["ratio"], line[value], "o-", color=colours[method], label=method)
+            ax.plot(line["ratio"], line[value], label=method, **styles[method])
         if label in reference:
             _upper_bound(ax, reference[label])
         ax.set_ylabel(label)
         _ratio_axis(ax, table["ratio"])
-    axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, Path(path))
+    return _save(fig, axes, Path(path))
 
 
 def write_plots(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, Path | str]:
