@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,13 +303,17 @@ def render(vis: Visualization, path: str | Path, dpi: int = 110) -> Path:
     shaded = shade(vis.pixels, tokens.states, layout.side)
     rows = 1 + len(vis.maps)
     unit = 2.4
-    fig, axes = plt.subplots(rows, 2, figsize=(unit * (1 + layout.cols) + 0.8, unit * layout.rows * rows + 0.9),
+    width = unit * (1 + layout.cols) + 0.8
+    fig, axes = plt.subplots(rows, 2, figsize=(width, unit * layout.rows * rows + 1.0), layout="constrained",
                              gridspec_kw={"width_ratios": [1, layout.cols]}, squeeze=False)
     describe = ", ".join(f"{k}={v}" for k, v in vis.compressor.describe().items() if k != "name")
     after, before = vis.visual_tokens
-    fig.suptitle(f"{vis.compressor.name} ({describe})\n{vis.sample_id}: {layout.rows}x{layout.cols} grid, "
-                 f"{layout.image_hw[1]}x{layout.image_hw[0]} px; visual tokens at the last layer: {after} of {before}",
-                 fontsize=9)
+    title = [f"{vis.compressor.name} ({describe})",
+             f"{vis.sample_id}: {layout.rows}x{layout.cols} grid, {layout.image_hw[1]}x{layout.image_hw[0]} px; "
+             f"visual tokens at the last layer: {after} of {before}",
+             "kept: clear, merged: blue tint, dropped: dimmed, padding: grey"]
+    fig.suptitle("\n".join(textwrap.fill(line, int(width * 13)) for line in title), fontsize=9)
+    wrap = 28 * layout.cols + 10  # characters a panel title may take
 
     def counts(t: int) -> str:
         text = f"kept {int(tokens.kept_patches[t])}/{int(tokens.valid_patches[t])}"
@@ -321,7 +326,7 @@ def render(vis: Visualization, path: str | Path, dpi: int = 110) -> Path:
     thumb.set_title("thumbnail", fontsize=8)
     _label(thumb, 2 * patch, 2 * patch, counts(0))
     crops.imshow(on_canvas(shaded, layout))
-    crops.set_title("crops: kept clear, merged tinted blue, dropped dimmed, padding grey", fontsize=8)
+    crops.set_title("crops", fontsize=8)
     _grid(crops, layout, patch)
     _tile_labels(crops, layout, patch, [counts(t) for t in range(1, layout.num_tiles)])
 
@@ -331,7 +336,7 @@ def render(vis: Visualization, path: str | Path, dpi: int = 110) -> Path:
         image = thumb.imshow(heat[0], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         thumb.set_title("thumbnail", fontsize=8)
         crops.imshow(on_canvas(heat, layout), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        crops.set_title(score.title, fontsize=8)
+        crops.set_title(textwrap.fill(score.title, wrap), fontsize=8)
         _grid(crops, layout, 1)
         if score.crop_notes:
             _tile_labels(crops, layout, 1, score.crop_notes)
@@ -339,7 +344,6 @@ def render(vis: Visualization, path: str | Path, dpi: int = 110) -> Path:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
