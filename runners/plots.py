@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 
 from runners.paper_table import PAPER_ORDER  # noqa: E402
 
-DPI = 120
+DPI = 120  # read when a figure is saved
 
 
 def _finished(frame: pd.DataFrame) -> pd.DataFrame:

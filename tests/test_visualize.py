@@ -18,6 +18,7 @@ from benchmarks import Sample, build_benchmark
 from compressors import AnyResLayout, Provenance, build_compressor
 from runners.evaluate import sample_seed
 from runners.visualize import DIM, DROPPED, KEPT, MERGED, PADDING, render, shade, token_map, visualize_sample
+from tests.conftest import random_image
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 QUESTION = "What color is the circle?"
@@ -42,16 +43,18 @@ def test_token_map_by_hand():
 
 
 @pytest.mark.parametrize("name", ["globalcom2", "fastv", "pooling"])
-def test_dimmed_patches_are_the_dropped_tokens(tiny, images, name, tmp_path):
+def test_dimmed_patches_are_the_dropped_tokens(tiny, name, tmp_path):
     """Pixels: a patch is dimmed exactly when it lies in the unpadded box and no output token came from it
     (vision-stage pruning, LLM-stage pruning, and merging)."""
     compressor = build_compressor({"name": name, "ratio": 0.25})
-    sample = Sample(id="noise", image=images["2x2-padded"], question=QUESTION, answers=("x",))
+    # noise on a 1x2 grid with a padding row above and below the image (1,654 vanilla tokens: a cheap prefill)
+    sample = Sample(id="noise", image=random_image(290, 660, seed=3), question=QUESTION, answers=("x",))
     vis = visualize_sample(tiny, compressor, sample, sample_seed(sample.id))
     layout = vis.layout
     side, per_tile = layout.side, layout.tokens_per_tile
     kept = set(vis.provenance.source.tolist())
     valid = layout.tile_valid_mask("hf").reshape(-1).tolist()
+    assert (layout.rows, layout.cols) == (1, 2) and not all(valid)
     dropped = {s for s in range(layout.num_tiles * per_tile) if valid[s] and s not in kept}
 
     shaded = shade(vis.pixels, vis.tokens.states, side).astype(np.float64)
@@ -63,12 +66,12 @@ def test_dimmed_patches_are_the_dropped_tokens(tiny, images, name, tmp_path):
     before, after = patches(vis.pixels.astype(np.float64)), patches(shaded)
     dimmed = {s for s in range(len(before)) if before[s] > 4 and abs(after[s] - DIM * before[s]) < 1.0}
     assert dimmed == {s for s in dropped if before[s] > 4}  # (a black patch cannot look dimmer)
-    if name == "pooling":
-        assert not dropped and int((vis.tokens.states == MERGED).sum()) == len(kept)
+    if name == "pooling":  # every kept patch is merged; unpadding at the pooled size drops the edge rows
+        assert int((vis.tokens.states == MERGED).sum()) == len(kept) and len(dropped) < 0.1 * sum(valid)
     else:  # the tokens the last layer saw, not the segment before FastV's cut
         assert 0.2 * sum(valid) < len(kept) < 0.3 * sum(valid)
     # heat maps: the [CLS] map with GlobalCom2's per-crop ratios; FastV's attention on every patch it saw
-    assert [len(m.crop_notes) for m in vis.maps] == {"globalcom2": [4], "fastv": [0], "pooling": []}[name]
+    assert [len(m.crop_notes) for m in vis.maps] == {"globalcom2": [2], "fastv": [0], "pooling": []}[name]
     if name == "fastv":
         assert int((~vis.maps[0].values.isnan()).sum()) == sum(valid)
     if name == "globalcom2":
