@@ -259,9 +259,11 @@ def inspect_run(directory: Path) -> dict[str, Any] | IncompleteRun:
     summary_path, samples_path, run_path = (directory / name for name in (SUMMARY_FILE, SAMPLES_FILE, RUN_FILE))
     settings, _ = _read_json(run_path) if run_path.exists() else (None, None)
     settings = settings if isinstance(settings, dict) else None
+    if settings is not None and "compressor" not in settings and isinstance(settings.get("config"), dict):
+        settings = settings["config"]  # the settings nested under "config"
     records, torn = _count_records(samples_path) if samples_path.exists() else (0, False)
     if not summary_path.exists():
-        what = f"{records} sample records" + (" and a torn last line" if torn else "")
+        what = f"{records} sample record{'' if records == 1 else 's'}" + (" and a torn last line" if torn else "")
         return IncompleteRun(directory, samples_path if samples_path.exists() else run_path,
                              f"unfinished: no {SUMMARY_FILE}, {what} (killed, failed or still running; "
                              "rerun the same command to resume)", settings)
