@@ -352,7 +352,7 @@ def write_report(scan: RunScan, out_dir: str | Path, plots: bool = True) -> list
             if isinstance(outcome, Path):
                 written.append(outcome)
             else:
-                log.info("figure %s not drawn: %s", name, outcome)
+                log.warning("figure %s not drawn: %s", name, outcome)
     return written
 
 
