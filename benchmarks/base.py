@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from vtclab.errors import UsageError
+
 SCORER_VARIANTS: tuple[str, ...] = ("llava", "lmms_eval")
 
 
@@ -32,8 +34,9 @@ class SampleError(Exception):
     """
 
 
-class DataRootError(FileNotFoundError):
-    """A missing or incomplete data root; the message names the files expected and their source."""
+class DataRootError(UsageError, FileNotFoundError):
+    """A missing or incomplete data root; the message names the files expected and their source (a usage
+    error: the runner prints it alone, before anything is written)."""
 
 
 @dataclass(frozen=True)

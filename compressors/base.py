@@ -184,12 +184,15 @@ class Compressor:
         name: registry name (set by ``@register_compressor``).
         identity_at_full_ratio: True when ``ratio=1`` must reproduce the uncompressed model
             exactly; the test suite checks it for every compressor that claims it.
+        fixed_ratio: the only ratio a method takes (``none``: 1.0), or None; a sweep's ratio list
+            does not apply to it, so a ratio sweep runs it once per model x benchmark.
         vision_signals / llm_signals: the signals the pipeline must compute for this compressor.
         llm_layer: decoder layer K at whose input ``select_llm_tokens`` runs; None = no LLM stage.
     """
 
     name: ClassVar[str] = ""
     identity_at_full_ratio: ClassVar[bool] = True
+    fixed_ratio: ClassVar[float | None] = None
 
     def __init__(self, ratio: float = 1.0) -> None:
         self.ratio = check_ratio(ratio)
@@ -207,6 +210,16 @@ class Compressor:
 
     # -- LLM stage -------------------------------------------------------------------------------
     llm_layer: int | None = None
+    llm_layer_key: ClassVar[str] = "layer"  # the config key that sets llm_layer, for error messages
+
+    def check_llm_depth(self, num_layers: int) -> None:
+        """Fail before the first sample when the LLM stage needs a decoder layer the model lacks
+        (runners call this with the depth read from the model's config, before loading weights)."""
+        if self.llm_layer is not None and not self.llm_layer < num_layers:
+            raise ValueError(
+                f"compressor.{self.llm_layer_key}={self.llm_layer} is beyond the model's depth: it has {num_layers} "
+                f"decoder layers (0..{num_layers - 1}), so the LLM stage must run at a layer below {num_layers}"
+            )
 
     @property
     def llm_signals(self) -> tuple[LLMSignal, ...]:

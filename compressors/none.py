@@ -6,7 +6,9 @@ from compressors.registry import register_compressor
 
 @register_compressor("none")
 class NoCompression(Compressor):
-    """Keeps all tokens with transformers' packing; ``ratio`` must be 1.0."""
+    """Keeps all tokens with transformers' packing; ``ratio`` must be 1.0 (a sweep's ratios do not apply)."""
+
+    fixed_ratio = 1.0
 
     def __init__(self, ratio: float = 1.0) -> None:
         super().__init__(ratio)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from models.pipeline import GenerationResult, LlavaNextPipeline
 
 LOADERS = ("tiny", "local")
+
+
+def _check_full_depth(cfg: Mapping[str, Any]) -> None:
+    if cfg.get("text_layers") is not None:
+        raise ValueError(f"model.text_layers={cfg['text_layers']} builds fewer decoder layers, which only a "
+                         "random-weight model can do; set model.random_init=true or model.text_layers=null")
 
 
 def build_pipeline(cfg: Mapping[str, Any]) -> LlavaNextPipeline:
@@ -33,9 +40,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> LlavaNextPipeline:
             seed=cfg.get("seed", 0), attn_implementation=cfg.get("attn_implementation", "sdpa"),
         )
     elif loader == "local":
-        if cfg.get("text_layers") is not None:
-            raise ValueError(f"model.text_layers={cfg['text_layers']} builds fewer decoder layers, which only a "
-                             "random-weight model can do; set model.random_init=true or model.text_layers=null")
+        _check_full_depth(cfg)
         from models.loading import load_llava_next
 
         model, processor = load_llava_next(
@@ -47,4 +52,41 @@ def build_pipeline(cfg: Mapping[str, Any]) -> LlavaNextPipeline:
     return LlavaNextPipeline(model, processor, prompt_format=cfg.get("prompt_format", "vicuna_v1"))
 
 
-__all__ = ["GenerationResult", "LlavaNextPipeline", "build_pipeline"]
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a run needs to know about its model before loading it (from its config, no weights).
+
+    Attributes:
+        num_decoder_layers: depth of the language model (an LLM-stage compressor's layer must be below it).
+        checkpoint: fingerprint of a local checkpoint (``models.loading.checkpoint_fingerprint``); None for
+            the embedded model and random-init architectures, whose settings define them.
+    """
+
+    num_decoder_layers: int
+    checkpoint: str | None = None
+
+
+def describe_model(cfg: Mapping[str, Any]) -> ModelFacts:
+    """``ModelFacts`` of a ``model`` config; a missing or damaged checkpoint fails here, clearly."""
+    loader = cfg.get("loader")
+    if loader == "tiny":
+        return ModelFacts(num_decoder_layers=int(cfg.get("text_layers", 4)))
+    if loader == "local" and cfg.get("random_init"):  # the shipped architecture: its settings define it
+        from models.random_arch import shipped_config
+
+        config = shipped_config(cfg["hub_id"], text_layers=cfg.get("text_layers"))
+        return ModelFacts(num_decoder_layers=int(config.text_config.num_hidden_layers))
+    if loader == "local":
+        _check_full_depth(cfg)
+        from transformers import LlavaNextConfig
+
+        from models.loading import checkpoint_fingerprint, read_checkpoint_config
+
+        # through transformers: config.json leaves out values equal to the text model's defaults
+        config = LlavaNextConfig.from_dict(read_checkpoint_config(cfg["path"], cfg["hub_id"]))
+        return ModelFacts(num_decoder_layers=int(config.text_config.num_hidden_layers),
+                          checkpoint=checkpoint_fingerprint(cfg["path"]))
+    raise ValueError(f"unknown model.loader {loader!r}; allowed: {', '.join(LOADERS)}")
+
+
+__all__ = ["GenerationResult", "LlavaNextPipeline", "ModelFacts", "build_pipeline", "describe_model"]

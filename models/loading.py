@@ -7,15 +7,19 @@ warning there (the tensor is randomly initialised), so both are checked here fir
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 
+from vtclab.errors import ConfigError, UsageError
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "auto": "auto"}
 
 
-class CheckpointError(FileNotFoundError):
-    """A local checkpoint directory is missing or incomplete."""
+class CheckpointError(UsageError, FileNotFoundError):
+    """A local checkpoint directory is missing, incomplete or damaged."""
 
 
 def _download_hint(path: Path, hub_id: str) -> str:
@@ -26,8 +30,45 @@ def _download_hint(path: Path, hub_id: str) -> str:
     )
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+JSON_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+              "tokenizer.json", "special_tokens_map.json", "generation_config.json",
+              "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files, sorted by name."""
+    return sorted({f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)})
+
+
+def _damaged(path: Path, hub_id: str, name: str, reason: str) -> CheckpointError:
+    return CheckpointError(f"model.path {str(path)!r} has a damaged {name} ({reason}); it was probably cut "
+                           f"short by a failed download or copy. Fetch it again.\n" + _download_hint(path, hub_id))
+
+
+def _check_weight_file(path: Path, hub_id: str, file: Path) -> None:
+    """Open the file's index without reading its tensors: safetensors checks its header and that the
+    data covers every tensor; a torch ``.bin`` is a zip whose directory sits at the end of the file."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise _damaged(path, hub_id, file.name, str(error)) from None
+    else:
+        import zipfile
+
+        if not zipfile.is_zipfile(file):
+            raise _damaged(path, hub_id, file.name, "not a complete torch zip archive")
+
+
 def check_checkpoint_dir(path: str | Path, hub_id: str) -> Path:
-    """Raise ``CheckpointError`` naming what is missing and what to download; return the path."""
+    """Raise ``CheckpointError`` naming what is missing or damaged and what to download; return the path.
+
+    Cheap: reads the JSON files and the weight files' headers, never the weights themselves.
+    """
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"model.path {str(path)!r} does not exist or is not a directory.\n"
@@ -35,13 +76,62 @@ def check_checkpoint_dir(path: str | Path, hub_id: str) -> Path:
     missing = [name for name in ("config.json", "tokenizer_config.json") if not (path / name).is_file()]
     if not ((path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()):
         missing.append("preprocessor_config.json")
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    if not has_weights:
+    weights = weight_files(path)
+    if not weights:
         missing.append("*.safetensors (or pytorch_model*.bin) weights")
     if missing:
         raise CheckpointError(f"model.path {str(path)!r} is incomplete: missing {', '.join(missing)}.\n"
                               + _download_hint(path, hub_id))
+    for name in JSON_FILES:
+        if (path / name).is_file():
+            try:
+                content = json.loads((path / name).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise _damaged(path, hub_id, name, f"not valid JSON: {error}") from None
+            if not isinstance(content, dict):
+                raise _damaged(path, hub_id, name, "not a JSON object")
+            shards = sorted(set(content.get("weight_map", {}).values())) if name.endswith(".index.json") else []
+            absent = [shard for shard in shards if not (path / shard).is_file()]
+            if absent:
+                raise CheckpointError(f"model.path {str(path)!r} is incomplete: missing {', '.join(absent)} "
+                                      f"(listed in {name}).\n" + _download_hint(path, hub_id))
+    for file in weights:
+        _check_weight_file(path, hub_id, file)
     return path
+
+
+def read_checkpoint_config(path: str | Path, hub_id: str) -> dict:
+    """The checked checkpoint's ``config.json`` (no weights read); refuses a non-LLaVA-NeXT one."""
+    path = check_checkpoint_dir(path, hub_id)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "llava_next":
+        raise ConfigError(
+            f"model.path {str(path)!r} holds a {config.get('model_type')!r} checkpoint; expected 'llava_next' "
+            f"(e.g. {hub_id!r})"
+        )
+    return config
+
+
+FINGERPRINT_SPAN = 1 << 20  # bytes read from each end of every weight file
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """What identifies a checkpoint, wherever it lies: sha256 over ``config.json`` and, for every
+    weight file, its name, size and first and last MiB (header and the first and last tensors).
+
+    A moved or copied checkpoint keeps its fingerprint; another checkpoint, even one with the same
+    architecture (a fine-tune), gets another. Reads a few MiB, not the weights.
+    """
+    path = Path(path).expanduser()
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in weight_files(path):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(FINGERPRINT_SPAN))
+            handle.seek(max(size - FINGERPRINT_SPAN, 0))
+            digest.update(handle.read(FINGERPRINT_SPAN))
+    return digest.hexdigest()
 
 
 def resolve_dtype(name: str):
@@ -63,16 +153,11 @@ def load_llava_next(
     The processor's image side is transformers' PIL implementation (as the original LLaVA, which
     resizes with PIL), whichever backend is installed.
     """
-    from transformers import AutoConfig, AutoTokenizer, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers import AutoTokenizer, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    path = check_checkpoint_dir(path, hub_id)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type != "llava_next":
-        raise ValueError(
-            f"model.path {str(path)!r} holds a {config.model_type!r} checkpoint; expected 'llava_next' "
-            f"(e.g. {hub_id!r})"
-        )
+    read_checkpoint_config(path, hub_id)  # checks every file first: a clear error, not a loader traceback
+    path = Path(path).expanduser()
     model, info = LlavaNextForConditionalGeneration.from_pretrained(
         path, dtype=resolve_dtype(dtype), device_map=device_map, attn_implementation=attn_implementation,
         local_files_only=True, output_loading_info=True,

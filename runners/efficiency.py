@@ -64,7 +64,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import runners.resolvers  # noqa: F401  (registers OmegaConf resolvers used in conf/hydra)
 import runners.schema  # noqa: F401  (registers the structured-config schemas)
-from compressors import Compressor, VisionInput, build_compressor
+from compressors import Compressor, VisionInput, build_compressor, get_compressor_class
 from models import LlavaNextPipeline, build_pipeline
 from models.cost import MEGA, TERA, CostConvention, CostModel, PrefillTokens, counted_flops
 from models.devices import DevicePreset, check_preset_name, resolve_preset
@@ -129,11 +129,19 @@ def check_arguments(cfg: DictConfig) -> Plan:
                          f"last token), got {cfg.decode_tokens}")
     if len(cfg.image_hw) != 2 or min(cfg.image_hw) < 1:
         raise ValueError(f"image_hw must be [height, width] in pixels, got {list(cfg.image_hw)}")
-    compressor = build_compressor(OmegaConf.to_container(cfg.compressor, resolve=True))
+    compressor_cfg = OmegaConf.to_container(cfg.compressor, resolve=True)
+    fixed = get_compressor_class(str(compressor_cfg.get("name"))).fixed_ratio
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    swept_fixed = in_sweep and fixed is not None and compressor_cfg.get("ratio") != fixed
+    if swept_fixed:  # none in a ratio sweep (experiment=ratio_sweep): its ratio is fixed
+        compressor_cfg["ratio"] = fixed
+    compressor = build_compressor(compressor_cfg)
     convention = CostConvention(**OmegaConf.to_container(cfg.cost, resolve=True, enum_to_str=True))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     built, full = model_depth(model_cfg)
     plan = Plan(compressor, convention, model_cfg, built, full)
+    if swept_fixed:
+        plan.skip = f"{compressor.name} has a fixed ratio ({fixed}); every job measures vanilla beside its compressor"
     layer = compressor.llm_layer
     if layer is not None and not 1 <= layer < built:
         plan.skip = (f"{compressor.name}'s LLM layer K={layer} needs at least {layer + 1} decoder layers; the "

@@ -4,17 +4,25 @@
     python -m runners.evaluate compressor=fastv compressor.ratio=0.25
     python -m runners.evaluate -m compressor=random,pooling compressor.ratio=0.5,0.25
 
-Each combination writes to its own run directory (derived from the overrides, not the time):
+Each combination writes to its own run directory, named by what the run is (``runners.identity``):
 ``samples.jsonl`` (one record per sample, durable as it goes), ``summary.json`` and ``run.json``.
 Rerunning the same command resumes: finished samples are skipped and the final files equal those
 of an uninterrupted run (timings aside).
+
+Order of work: ``prepare_run`` makes every check that can refuse the run (settings, checkpoint,
+model depth, run directory) and touches nothing; only then does ``RunStore`` lock and open the
+directory, and ``.hydra/`` and the log are written there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +31,27 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import runners.resolvers  # noqa: F401  (registers OmegaConf resolvers used in conf/hydra)
 import runners.schema  # noqa: F401  (registers the structured-config schemas)
 from benchmarks import Benchmark, Sample, build_benchmark
 from benchmarks.base import SampleError
-from compressors import Compressor, build_compressor
-from models import GenerationResult, build_pipeline
+from compressors import Compressor, build_compressor, get_compressor_class
+from models import GenerationResult, ModelFacts, build_pipeline, describe_model
 from models.cost import CostConvention, CostModel
+from runners.environment import timing_environment
+from runners.errors import ConfigError, RunInterrupted, UsageError, hydra_verbose, reported_errors
 from runners.fidelity import FidelityReference
+from runners.identity import run_directory, run_identity
 from runners.report import console, render_table
-from runners.scoring import failed_record, running_accuracy, summarise_run
+from runners.scoring import failed_record, summarise_run
 from runners.store import RunStore
 
 log = logging.getLogger(__name__)
-
-# Settings that do not change results: excluded from the run identity checked on resume.
-VOLATILE_KEYS = ("resume", "progress", "num_threads", "save_provenance", "eval")
+LOG_FILE = "evaluate.log"
+# Absolute, so the entry point finds its configs however it is called (python -m, or main() in-process).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def sample_seed(sample_id: str) -> int:
@@ -48,14 +59,114 @@ def sample_seed(sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little") >> 1
 
 
-def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved settings that define a run's results (paths and volatile keys left out)."""
-    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for key in (*VOLATILE_KEYS, "paths"):
-        container.pop(key, None)
-    container.get("benchmark", {}).pop("limit", None)  # growing a run's limit extends it
-    container.get("benchmark", {}).pop("root", None)  # where the data lives, not what it is
-    return container
+# -- checks before anything runs -------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """A run that passed every check: what to build, where to write, and the identity to keep."""
+
+    settings: dict[str, Any]  # the resolved config (plain containers)
+    compressor: Compressor
+    benchmark: Benchmark
+    ids: list[str]  # the benchmark's sample ids (listing them checks its data root)
+    model: ModelFacts
+    cost: CostConvention
+    identity: dict[str, Any]
+    directory: Path
+
+
+def resolve_settings(cfg: DictConfig | Mapping[str, Any], *, in_sweep: bool = False) -> dict[str, Any]:
+    """The resolved config as plain containers; a ``???`` or a broken interpolation is refused by name.
+
+    In a sweep, a method with a fixed ratio (``none``) takes it whatever ratio the sweep gives,
+    so a ratio sweep runs it once per model x benchmark instead of failing.
+    """
+    if isinstance(cfg, DictConfig):
+        missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+        if missing:
+            raise ConfigError(f"no value for {', '.join(missing)} (??? in the config); set it on the command line, "
+                              f"e.g. {missing[0]}=...")
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        except OmegaConfBaseException as error:  # e.g. an interpolation of a missing value
+            where = f" (in {error.full_key})" if getattr(error, "full_key", None) else ""
+            raise ConfigError(str(error).strip().splitlines()[0] + where) from None
+    settings = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    compressor = dict(settings["compressor"])
+    if in_sweep:
+        fixed = get_compressor_class(str(compressor.get("name"))).fixed_ratio
+        if fixed is not None:
+            compressor["ratio"] = fixed
+    settings["compressor"] = compressor
+    return settings
+
+
+def prepare_run(cfg: DictConfig | Mapping[str, Any], *, in_sweep: bool = False, memo: dict | None = None) -> RunPlan:
+    """Every check that can refuse the run, before any weight is loaded or any file written.
+
+    Raises a ``UsageError`` (one clear line) for a bad value, an unknown name, a missing or damaged
+    checkpoint or data root, or an LLM-stage layer beyond the model's depth (read from its config,
+    no weights). ``memo``: model facts and benchmark listings shared by the jobs of a sweep.
+    """
+    try:
+        settings = resolve_settings(cfg, in_sweep=in_sweep)
+        threads = settings.get("num_threads")
+        if threads is not None and threads < 1:
+            raise ValueError(f"num_threads must be a positive integer or null (torch's default), got {threads}")
+        compressor = build_compressor(settings["compressor"])
+        benchmark = build_benchmark(settings["benchmark"])
+        cost = CostConvention(**settings["cost"])
+        model = memoised(memo, "model", settings["model"], lambda: describe_model(settings["model"]))
+        compressor.check_llm_depth(model.num_decoder_layers)
+        ids = memoised(memo, "ids", settings["benchmark"], benchmark.sample_ids)  # a missing data root fails here
+    except UsageError:
+        raise
+    except (ValueError, TypeError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError quotes its str
+        raise ConfigError(str(message)) from error
+    return RunPlan(settings=settings, compressor=compressor, benchmark=benchmark, ids=ids, model=model, cost=cost,
+                   identity=run_identity(settings, checkpoint=model.checkpoint),
+                   directory=run_directory(settings))
+
+
+def memoised(memo: dict | None, kind: str, settings: Mapping[str, Any], compute):
+    """``compute()``, or its earlier result for the same ``kind`` and settings when a ``memo`` is given
+    (a sweep's check reads each checkpoint and lists each benchmark once, not once per job)."""
+    if memo is None:
+        return compute()
+    key = (kind, json.dumps(settings, sort_keys=True, default=str))
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+class PipelineCache:
+    """The last loaded model, kept for the next job of a sweep (jobs usually share their model:
+    a 7B checkpoint is loaded once per sweep, not once per method and ratio). Holds at most one:
+    the old model is released before another one loads."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.pipeline = None
+
+    def get(self, model_settings: Mapping[str, Any]):
+        key = json.dumps(model_settings, sort_keys=True, default=str)
+        if key != self.key:
+            if self.pipeline is not None:  # free its memory before loading the next model
+                self.key, self.pipeline = None, None
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            self.pipeline = build_pipeline(dict(model_settings))
+            self.key = key
+        return self.pipeline
+
+
+PIPELINES = PipelineCache()
 
 
 def sample_record(sample: Sample, result: GenerationResult, score: Mapping[str, Any], save_provenance: bool) -> dict:
@@ -86,6 +197,28 @@ def sample_record(sample: Sample, result: GenerationResult, score: Mapping[str, 
     return record
 
 
+class RunningStatus:
+    """The progress bar's status: accuracy and visual-token count as running means over the run's
+    records so far (failed samples and samples without a local score leave the means alone)."""
+
+    def __init__(self) -> None:
+        self.scored = self.score = 0.0
+        self.counted = self.tokens = 0.0
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        if record.get("score") is not None:
+            self.scored += 1
+            self.score += float(record["score"])
+        if record.get("visual_tokens_after") is not None:
+            self.counted += 1
+            self.tokens += float(record["visual_tokens_after"])
+
+    def __str__(self) -> str:
+        parts = [f"acc {100 * self.score / self.scored:.1f}%"] if self.scored else []
+        parts += [f"mean tokens {self.tokens / self.counted:.0f}"] if self.counted else []
+        return " | ".join(parts)
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -94,71 +227,124 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Run (or resume) one combination into ``output_dir``; returns the summary."""
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
-    # Everything that can be wrong in the config fails here, before the model loads.
-    compressor: Compressor = build_compressor(OmegaConf.to_container(cfg.compressor, resolve=True))
-    benchmark: Benchmark = build_benchmark(OmegaConf.to_container(cfg.benchmark, resolve=True))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
-    convention = CostConvention(**OmegaConf.to_container(cfg.cost, resolve=True, enum_to_str=True))
+@contextlib.contextmanager
+def run_log(directory: Path) -> Iterator[None]:
+    """Append this process's log to ``<run dir>/evaluate.log`` while the run is open."""
+    handler = logging.FileHandler(directory / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
-    ids = benchmark.sample_ids()  # reads the data root: a missing one fails here, before anything is written
-    with RunStore(output_dir, identity=run_identity(cfg), resume=cfg.resume) as store:
+
+def save_hydra_files(directory: Path, cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Hydra's ``.hydra/`` record, written only once the run is accepted (so it describes the results)."""
+    target = directory / ".hydra"
+    target.mkdir(exist_ok=True)
+    task = OmegaConf.to_container(cfg, enum_to_str=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    task.pop("hydra", None)
+    OmegaConf.save(OmegaConf.create(task), target / "config.yaml")
+    if HydraConfig.initialized():
+        OmegaConf.save(HydraConfig.get().overrides.task, target / "overrides.yaml")
+        OmegaConf.save(HydraConfig.get(), target / "hydra.yaml")
+
+
+def evaluate(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path | None = None, *, in_sweep: bool = False,
+             pipeline=None) -> dict[str, Any]:
+    """Run (or resume) one combination; returns the summary.
+
+    Args:
+        cfg: the composed config (``conf/config.yaml``).
+        run_dir: the run directory; default ``cfg.run_dir``, else named by the run (``runners.identity``).
+        in_sweep: this is one job of a multirun: a fixed-ratio method takes its ratio, and the loaded
+            model is kept for the next job.
+        pipeline: an already built pipeline for ``cfg.model``; built when there are samples to run.
+    """
+    plan = prepare_run(cfg, in_sweep=in_sweep)
+    directory = Path(run_dir) if run_dir is not None else plan.directory
+    settings, compressor, benchmark, ids = plan.settings, plan.compressor, plan.benchmark, plan.ids
+    if settings.get("num_threads"):
+        torch.set_num_threads(int(settings["num_threads"]))
+
+    with RunStore(directory, plan.identity, resume=settings["resume"]) as store, run_log(directory):
+        save_hydra_files(directory, cfg)
         done = store.completed_ids()
         todo = [i for i, sample_id in enumerate(ids) if sample_id not in done]
         log.info("%s: %d samples, %d already done, writing to %s", compressor, len(ids), len(ids) - len(todo),
-                 output_dir)
-        fidelity = FidelityReference.from_config(cfg) if OmegaConf.select(cfg, "eval.fidelity") else None
+                 directory)
         if todo:
-            pipeline = build_pipeline(model_cfg)
-            cost = CostModel(pipeline.model.config, convention, pipeline.model.dtype, compressor)
-            scores = [r.get("score") for r in store.records(ids)]
-            with _progress(cfg.progress) as progress:
-                task = progress.add_task(f"{model_cfg['name']} | {compressor.name} | {benchmark.name}",
-                                         total=len(ids), completed=len(ids) - len(todo), status="")
-                for index in todo:
-                    try:
-                        sample = benchmark[index]
-                    except SampleError as error:  # malformed record or unreadable image: recorded, the run goes on
-                        store.append(failed_record(ids[index], error))
-                        progress.update(task, advance=1, status=f"failed: {ids[index]}")
-                        continue
-                    result = pipeline.generate(sample.image, sample.question, compressor,
-                                               max_new_tokens=benchmark.max_new_tokens,
-                                               sample_seed=sample_seed(sample.id),
-                                               first_token_logits=fidelity is not None)
-                    score = benchmark.score(result.text, sample)
-                    record = {**sample_record(sample, result, score, cfg.save_provenance), **cost.sample(result)}
-                    if fidelity is not None:
-                        record.update(fidelity.compare(pipeline, sample, result, compressor, benchmark.max_new_tokens))
-                    store.append(record)
-                    scores.append(score["score"])
-                    status = f"{running_accuracy(scores)}tokens {result.visual_tokens_after}"
-                    progress.update(task, advance=1, status=status)
+            if pipeline is None:
+                pipeline = PIPELINES.get(settings["model"]) if in_sweep else build_pipeline(settings["model"])
+            store.record_launch(timing_environment(pipeline.device))
+            cost = CostModel(pipeline.model.config, plan.cost, pipeline.model.dtype, compressor)
+            fidelity = (FidelityReference.from_config(OmegaConf.create(settings))
+                        if (settings.get("eval") or {}).get("fidelity") else None)
+            _run_samples(pipeline, compressor, benchmark, cost, fidelity, store, ids, todo, settings)
         records = store.records(ids)
         summary = summarise_run(benchmark.scorer, records, run={
-            "model": model_cfg["name"],
+            "model": settings["model"]["name"],
             "benchmark": benchmark.name,
             "compressor": compressor.describe(),
-            "run_dir": str(output_dir),
-            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            "run_dir": str(directory),
+            "environment": store.launches,  # what the timings depend on, per launch
+            "config": settings,
         })
         store.write_summary(summary)
-        for path in benchmark.write_submission(records, Path(output_dir)):
+        for path in benchmark.write_submission(records, directory):
             log.info("submission file: %s", path)
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    hydra_cfg = HydraConfig.get()
-    output_dir = hydra_cfg.runtime.output_dir
-    summary = evaluate(cfg, output_dir)
-    if hydra_cfg.mode != RunMode.MULTIRUN:  # a multirun prints one table for all jobs at its end
-        console().print(render_table([summary], title=f"vtclab: {output_dir}"))
-    return summary["metrics"].get("accuracy")
+def _run_samples(pipeline, compressor: Compressor, benchmark: Benchmark, cost: CostModel,
+                 fidelity: FidelityReference | None, store: RunStore, ids: list[str], todo: list[int],
+                 settings: Mapping[str, Any]) -> None:
+    """Generate, score and store every sample of ``todo`` (with its cost, and its fidelity to the
+    uncompressed model when asked); Ctrl-C stops after the last stored one."""
+    status = RunningStatus()
+    for record in store.records(ids):
+        status.add(record)
+    new = 0
+    try:
+        with _progress(settings["progress"]) as progress:
+            task = progress.add_task(f"{settings['model']['name']} | {compressor.name} | {benchmark.name}",
+                                     total=len(ids), completed=len(ids) - len(todo), status=str(status))
+            for index in todo:
+                try:
+                    sample = benchmark[index]
+                except SampleError as error:  # malformed record or unreadable image: recorded, the run goes on
+                    record = failed_record(ids[index], error)
+                else:
+                    result = pipeline.generate(sample.image, sample.question, compressor,
+                                               max_new_tokens=benchmark.max_new_tokens,
+                                               sample_seed=sample_seed(sample.id),
+                                               first_token_logits=fidelity is not None)
+                    record = {**sample_record(sample, result, benchmark.score(result.text, sample),
+                                              settings["save_provenance"]), **cost.sample(result)}
+                    if fidelity is not None:
+                        record.update(fidelity.compare(pipeline, sample, result, compressor, benchmark.max_new_tokens))
+                store.append(record)
+                new += 1
+                status.add(record)
+                progress.update(task, advance=1, status=str(status))
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted after {len(ids) - len(todo) + new} of {len(ids)} samples ({new} in this launch) in "
+            f"{store.directory}; rerun the same command to resume"
+        ) from None
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    with reported_errors(verbose=hydra_verbose(), in_sweep=in_sweep):
+        summary = evaluate(cfg, in_sweep=in_sweep)
+    if not in_sweep:  # a multirun prints one table for all its jobs (runners.callbacks)
+        console().print(render_table([summary], title=f"vtclab: {summary['run_dir']}"))
+    return summary
 
 
 if __name__ == "__main__":

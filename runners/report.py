@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compressors.registry import compressor_parameters, get_compressor_class
+from runners.environment import timing_spread
 from runners.fidelity import summarise_fidelity
 from runners.store import RUN_FILE, SAMPLES_FILE, SUMMARY_FILE
 
@@ -73,6 +74,7 @@ def summarise(
         "retention_actual": after / before if before else None,
         "retention_layer_mean": layer_mean / before if before else None,
         "timings_mean_s": {key: _mean([r[key] for r in records]) for key in TIMING_KEYS},
+        "timings_s": timing_spread(records, TIMING_KEYS),  # each timing's std and p10/median/p90 with its mean
     }
     fidelity = summarise_fidelity(records)
     if fidelity is not None:
@@ -132,6 +134,8 @@ def summary_row(summary: Mapping[str, Any]) -> dict[str, Any]:
         **{f"time/{k}": v for k, v in summary.get("timings_mean_s", {}).items()},
         **{f"cost/{k}": v for k, v in (summary.get("cost") or {}).items() if not isinstance(v, Mapping)},
         **{f"fidelity/{k}": v for k, v in (summary.get("fidelity") or {}).items()},
+        **{f"time/{k}_{stat}": spread[stat] for k, spread in summary.get("timings_s", {}).items()
+           for stat in ("std", "p10", "p90")},  # the spread the means come with (runners.environment)
         "run_dir": summary.get("run_dir"),
     }
     return row
@@ -158,6 +162,12 @@ def console() -> Console:
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _spread_ms(summary: Mapping[str, Any], key: str) -> str:
+    """`` ± <std>`` in ms when the summary has the timing's spread."""
+    std = summary.get("timings_s", {}).get(key, {}).get("std")
+    return "" if std is None else f" ± {std * 1000:.1f}"
 
 
 def render_table(summaries: Iterable[Mapping[str, Any]], title: str = "vtclab results") -> Table:
@@ -189,7 +199,7 @@ def render_table(summaries: Iterable[Mapping[str, Any]], title: str = "vtclab re
             _fmt(row.get("tokens/before"), ".0f"), _fmt(row.get("tokens/after"), ".0f"),
             _fmt(row.get("tokens/layer_mean"), ".0f"), _fmt(row["retention_actual"], ".3f"),
             _fmt(row["retention_layer_mean"], ".3f"),
-            *(_fmt(times.get(k), ".1f") for k in TIMING_KEYS),
+            *(_fmt(times.get(k), ".1f") + _spread_ms(summary, k) for k in TIMING_KEYS),
         ]
         if with_fidelity:
             fidelity = summary.get("fidelity") or {}
@@ -259,8 +269,9 @@ def inspect_run(directory: Path) -> dict[str, Any] | IncompleteRun:
     summary_path, samples_path, run_path = (directory / name for name in (SUMMARY_FILE, SAMPLES_FILE, RUN_FILE))
     settings, _ = _read_json(run_path) if run_path.exists() else (None, None)
     settings = settings if isinstance(settings, dict) else None
-    if settings is not None and "compressor" not in settings and isinstance(settings.get("config"), dict):
-        settings = settings["config"]  # the settings nested under "config"
+    for nested in ("identity", "config"):  # run.json keeps them under "identity" (runners.store)
+        if settings is not None and "compressor" not in settings and isinstance(settings.get(nested), dict):
+            settings = settings[nested]
     records, torn = _count_records(samples_path) if samples_path.exists() else (0, False)
     if not summary_path.exists():
         what = f"{records} sample record{'' if records == 1 else 's'}" + (" and a torn last line" if torn else "")

@@ -26,7 +26,7 @@ from runners.scoring import is_failed, summarise_run
 from runners.store import SAMPLES_FILE, SUMMARY_FILE, write_json_atomic
 
 OVERRIDABLE = ("benchmark.scorer_variant",)
-RUN_KEYS = ("model", "benchmark", "compressor", "run_dir")
+RUN_KEYS = ("model", "benchmark", "compressor", "run_dir", "environment")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

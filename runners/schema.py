@@ -1,8 +1,10 @@
 """Structured-config schemas: Hydra checks types and keys against these at compose time.
 
-Registered in Hydra's ConfigStore on import; ``conf/config.yaml`` and the model YAMLs name them
-in their ``defaults`` lists, so a typo (``model.dtpye``) or a wrong type (``resume=maybe``) fails
-before anything is loaded. Compressor and benchmark keys are checked against the registered
+Registered in Hydra's ConfigStore on import, as top-level configs (not in the ``model`` or ``cost``
+group, so ``model=...`` never offers them); ``conf/config.yaml`` and the group YAMLs extend them from
+their ``defaults`` lists (``- /local_model_schema@_here_``), so a typo (``model.dtpye``) or a wrong type
+(``resume=maybe``) fails before anything is loaded. A ``???`` left unset is refused by name when
+the run starts. Compressor and benchmark keys are checked against the registered
 class's constructor instead (``build_compressor`` / ``build_benchmark``), so a new method needs no
 schema.
 """
@@ -69,7 +71,7 @@ class LocalModelConfig:
     dtype: DType = DType.float16
     device_map: Any = "auto"  # accelerate device_map: "auto", "cpu", "cuda:0", or a dict
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
-    prompt_format: PromptFormat = PromptFormat.vicuna_v1
+    prompt_format: PromptFormat = MISSING  # the checkpoint's chat template: every model YAML names it
     random_init: bool = False  # build hub_id's architecture (models/configs/) with random weights, no checkpoint
     text_layers: Optional[int] = None  # random_init only: build this many decoder layers (None: all)
     seed: int = 0  # random_init only: the weights' seed
@@ -97,6 +99,11 @@ class EvaluateConfig:
     save_provenance: bool = False  # store which source tokens each kept token came from
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
     eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: Optional[str] = None  # None: outputs/runs/<model>/<benchmark>/<settings> (runners.identity)
+
+
+# The schema each model loader's settings follow (run directory names list what differs from it).
+MODEL_SCHEMAS = {"tiny": TinyModelConfig, "local": LocalModelConfig}
 
 
 @dataclass
@@ -123,9 +130,9 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(name="efficiency_schema", node=EfficiencyConfig)
-    store.store(group="cost", name="cost_schema", node=CostConvention)
-    store.store(group="model", name="tiny_schema", node=TinyModelConfig)
-    store.store(group="model", name="local_schema", node=LocalModelConfig)
+    store.store(name="tiny_model_schema", node=TinyModelConfig)
+    store.store(name="local_model_schema", node=LocalModelConfig)
+    store.store(name="cost_schema", node=CostConvention)
 
 
 register_schemas()

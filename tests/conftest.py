@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import compressors  # noqa: F401  (registers every compressor)
 from compressors import AnyResLayout, ClsAttention, Compressor, VisionInput
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # (height, width) -> the grid transformers' processor gives it with LLaVA-NeXT-vicuna's pinpoints
 IMAGE_SIZES = {
@@ -61,6 +63,20 @@ def tiny():
     from models import build_pipeline
 
     return build_pipeline({"loader": "tiny", "name": "tiny", "seed": 0})
+
+
+@pytest.fixture()
+def compose_cfg():
+    """``compose_cfg(overrides, **kw)``: ``conf/config.yaml`` composed as Hydra composes it for a run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import runners.schema  # noqa: F401  (registers the structured-config schemas)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides=(), **kw: compose(config_name="config", overrides=list(overrides), **kw)
+    GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="session")

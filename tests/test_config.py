@@ -7,30 +7,20 @@ import functools
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
 
-import runners.resolvers  # noqa: F401
-import runners.schema  # noqa: F401
 from benchmarks import build_benchmark
-from compressors import build_compressor
+from compressors import build_compressor, get_compressor_class
+from runners.evaluate import resolve_settings
+from runners.sweep import expand_sweep
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-@pytest.fixture()
-def compose_cfg():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides=(), **kw: compose(config_name="config", overrides=list(overrides), **kw)
-    GlobalHydra.instance().clear()
 
 
 def test_defaults_compose(compose_cfg):
@@ -55,20 +45,6 @@ def test_every_model_composes(compose_cfg, model):
         assert cfg.model.hub_id.startswith("llava-hf/")
         assert cfg.model.path.endswith(cfg.model.hub_id.split("/")[1])
         assert cfg.model.prompt_format == ("mistral_instruct" if "mistral" in model else "vicuna_v1")
-
-
-def sweep_jobs(cfg) -> list[list[str]]:
-    """Every job's overrides of a preset's ``hydra.sweeper.params``, as Hydra's basic sweeper expands them."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = cfg.hydra.sweeper.params or {}
-    overrides = [f"{key}={value}" for key, value in params.items()]
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    jobs = [[]]
-    for override in parsed:
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
-        jobs = [job + [f"{override.get_key_element()}={value}"] for job in jobs for value in values]
-    return jobs
 
 
 def job_configs(compose, experiment: str, jobs: list[list[str]]):
@@ -106,7 +82,7 @@ def job_configs(compose, experiment: str, jobs: list[list[str]]):
     for job in jobs:
         yield job, *(copy.deepcopy(group_node(g, mine(job, g))) for g in ("compressor", "benchmark"))
     for job in (jobs[0], jobs[-1]):
-        whole = compose([f"experiment={experiment}", *job])
+        whole = compose(job)  # the job keeps experiment=..., as in the real sweep
         expected = [OmegaConf.to_container(whole[g], resolve=True) for g in ("compressor", "benchmark")]
         assert [node(job, "compressor"), node(job, "benchmark")] == expected
         yield job, *expected
@@ -118,32 +94,43 @@ def test_every_experiment_job_composes_and_builds(compose_cfg, experiment):
     or benchmark name, or a ratio of 1.5, fails here, not hours into the sweep."""
     cfg = compose_cfg([f"experiment={experiment}"], return_hydra_config=True)
     build_compressor(OmegaConf.to_container(cfg.compressor, resolve=True))
-    jobs = sweep_jobs(cfg)
+    jobs = expand_sweep(cfg)
     assert len(jobs) >= 1
     built = 0
     for job, compressor, benchmark in job_configs(compose_cfg, experiment, jobs):
+        compressor = resolve_settings({"compressor": compressor}, in_sweep=True)["compressor"]  # as the sweep runs it
         described = build_compressor(compressor).describe()
         for override in job:  # the job's own values reached the built compressor
             key, value = override.split("=")
             if key == "compressor":
                 assert described["name"] == value
             elif key == "compressor.ratio":
-                assert described["ratio"] == float(value)
+                fixed = get_compressor_class(described["name"]).fixed_ratio  # none: 1 at every swept ratio
+                assert described["ratio"] == (float(value) if fixed is None else fixed)
         bench = build_benchmark(benchmark)
         assert all(bench.name == o.split("=")[1] for o in job if o.startswith("benchmark="))
         built += 1
     assert built == len(jobs) + 2
 
 
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_ratio_sweep_has_its_upper_bound(compose_cfg, experiment):
+    """A preset that sweeps ratios also runs the uncompressed model (once: its ratio is fixed)."""
+    params = compose_cfg([f"experiment={experiment}"], return_hydra_config=True).hydra.sweeper.params or {}
+    if "compressor.ratio" in params:
+        assert "none" in str(params["compressor"]).split(","), experiment
+
+
 def test_paper_presets_sweep_the_papers_grid(compose_cfg):
-    """LLaVA-NeXT-7B and 13B: 4 methods x 4 ratios x 10 benchmarks, in the paper's benchmark order."""
+    """LLaVA-NeXT-7B and 13B: 4 methods x 4 ratios x 10 benchmarks, in the paper's benchmark order, and
+    the uncompressed model on every benchmark (its 4 jobs per benchmark are one run)."""
     order = "gqa,mmbench,mmbench_cn,mme,pope,scienceqa_img,vqav2,textvqa,vizwiz,seed_bench".split(",")
     for size in ("7b", "13b"):
         cfg = compose_cfg([f"experiment=paper_llava_next_{size}"], return_hydra_config=True)
         assert cfg.model.name == f"llava_next_{size}" and cfg.model.dtype == "float16"
-        jobs = sweep_jobs(cfg)
-        assert len(jobs) == 4 * 4 * 10
-        assert {j[0] for j in jobs} == {f"compressor={c}" for c in ("random", "pooling", "fastv", "globalcom2")}
+        jobs = expand_sweep(cfg)
+        assert len(jobs) == 5 * 4 * 10
+        assert {j[0] for j in jobs} == {f"compressor={c}" for c in ("none", "random", "pooling", "fastv", "globalcom2")}
         assert sorted({j[1] for j in jobs}) == [f"compressor.ratio={r}" for r in ("0.1", "0.25", "0.5", "0.75")]
         assert [j[2].split("=")[1] for j in jobs[:10]] == order
 
@@ -152,11 +139,11 @@ def test_sweep_expansion_catches_a_bad_preset(compose_cfg, tmp_path):
     """The expansion above really builds every value: a preset with a ratio of 1.5 fails."""
     cfg = compose_cfg(["experiment=ratio_sweep"], return_hydra_config=True)
     cfg.hydra.sweeper.params["compressor.ratio"] = "0.5,1.5"
-    jobs = sweep_jobs(cfg)
-    assert ["compressor=random", "compressor.ratio=1.5"] in jobs
+    jobs = expand_sweep(cfg)  # the preset's params, then the command line's overrides, as Hydra runs them
+    assert ["compressor=random", "compressor.ratio=1.5", "experiment=ratio_sweep"] in jobs
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         for job in jobs:
-            build_compressor(OmegaConf.to_container(compose_cfg(["experiment=ratio_sweep", *job]).compressor))
+            build_compressor(resolve_settings(compose_cfg(job), in_sweep=True)["compressor"])
 
 
 def test_schema_rejects_bad_types_and_keys(compose_cfg):
@@ -179,13 +166,16 @@ def test_bad_compressor_values_fail_in_build(compose_cfg):
         build_compressor(OmegaConf.to_container(cfg.compressor))
 
 
-def test_run_directories_come_from_the_overrides(compose_cfg):
-    cfg = compose_cfg(["compressor=random", "compressor.ratio=0.5", "progress=false"], return_hydra_config=True)
-    from hydra.core.hydra_config import HydraConfig
+def test_schemas_are_not_offered_as_models(compose_cfg):
+    """Only conf/model/*.yaml are models; the structured schemas they extend stay internal."""
+    compose_cfg()
+    assert GlobalHydra.instance().config_loader().get_group_options("model") == _options("model")
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_cfg(["model=foo"])
+    options = str(error.value).split("Available options in 'model':")[1].split("Config search path")[0]
+    assert options.split() == _options("model")
 
-    HydraConfig.instance().set_config(cfg)
-    run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
-    assert run_dir == "outputs/runs/tiny/synthetic/compressor.ratio=0.5,compressor=random"
-    default = compose_cfg([], return_hydra_config=True)
-    HydraConfig.instance().set_config(default)
-    assert OmegaConf.to_container(default.hydra.run, resolve=True)["dir"] == "outputs/runs/tiny/synthetic/default"
+
+def test_every_model_yaml_names_its_prompt_format(compose_cfg):
+    for model in _options("model"):
+        assert OmegaConf.missing_keys(compose_cfg([f"model={model}"]).model) - {"path"} == set(), model

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 import runners.resolvers  # noqa: F401
 import runners.schema  # noqa: F401
@@ -33,8 +34,8 @@ from runners.efficiency import (
     overhead_seconds,
     run_efficiency,
 )
+from runners.sweep import expand_sweep
 from tests.conftest import random_image
-from tests.test_config import sweep_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -155,17 +156,25 @@ def test_device_presets():
 
 
 def test_gpu_script_jobs_all_pass_the_checks(compose_efficiency):
-    """scripts/efficiency_7b_gpu.sh: its sweep has 16 jobs, and a job of every method composes and
+    """scripts/efficiency_7b_gpu.sh: its sweep has 16 measured jobs, and a job of every method composes and
     passes the argument checks (full 7B depth, so FastV's K = 2 is not skipped), on a CPU without
     building anything. (tests/test_config.py builds every ratio of the preset.)"""
     script = (ROOT / "scripts/efficiency_7b_gpu.sh").read_text()
     command = " ".join(line.rstrip("\\").strip() for line in script.split("python -m runners.efficiency", 1)[1]
                        .split("\n\n")[0].splitlines())
     overrides = [a for a in shlex.split(command.split('"$@"')[0]) if a != "-m" and not a.startswith("hydra.")]
-    jobs = sweep_jobs(compose_efficiency(overrides, return_hydra_config=True))
-    assert len(jobs) == 16
-    for job in [j for j in jobs if j[-1] == "compressor.ratio=0.1"]:
-        plan = check_arguments(compose_efficiency([*overrides, *job]))
+    jobs = expand_sweep(compose_efficiency(overrides, return_hydra_config=True))
+    assert len(jobs) == 20  # 4 methods x 4 ratios, and ratio_sweep's none (skipped: every job measures vanilla)
+    none = compose_efficiency(next(j for j in jobs if "compressor=none" in j), return_hydra_config=True)
+    none.hydra.mode = "MULTIRUN"
+    HydraConfig.instance().set_config(none)
+    try:
+        assert check_arguments(none).skip == ("none has a fixed ratio (1.0); every job measures vanilla beside its "
+                                              "compressor")
+    finally:
+        HydraConfig.instance().cfg = None
+    for job in [j for j in jobs if "compressor.ratio=0.1" in j and "compressor=none" not in j]:
+        plan = check_arguments(compose_efficiency(job))
         assert plan.skip is None and plan.built_layers == plan.full_layers == 32
         assert plan.model["random_init"] and plan.model["dtype"] == "float16" and plan.model["attn_implementation"] == "sdpa"
 
