@@ -5,9 +5,11 @@ Every module in this package is imported here, so a new compressor is one file t
 """
 
 from compressors.base import (
+    Budget,
     ClsAttention,
     Compressor,
     LastTokenAttention,
+    LayerKeys,
     LLMInput,
     LLMSignal,
     Provenance,
@@ -23,11 +25,13 @@ import_submodules(__name__, __path__, skip={"base", "geometry", "packing", "regi
 
 __all__ = [
     "AnyResLayout",
+    "Budget",
     "ClsAttention",
     "Compressor",
     "LLMInput",
     "LLMSignal",
     "LastTokenAttention",
+    "LayerKeys",
     "Provenance",
     "VisionInput",
     "VisionOutput",

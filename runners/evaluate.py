@@ -194,6 +194,8 @@ def sample_record(sample: Sample, result: GenerationResult, score: Mapping[str, 
             "token": result.provenance.token.tolist(),
             "source": result.provenance.source.tolist(),
         }
+        if result.provenance.weight is not None:  # merging methods: token = sum weight x source (see Provenance)
+            record["provenance"].update(weight=result.provenance.weight.tolist(), space=result.provenance.space)
     return record
 
 
