@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -265,6 +266,11 @@ class Budget:
 
     def as_dict(self) -> dict[str, Any]:
         return {"scope": self.scope, "count_newlines": self.count_newlines}
+
+    def as_default(self) -> Mapping[str, Any]:
+        """The config node as a read-only mapping: a constructor default that equals its YAML value
+        (so results tables do not list it as a changed option)."""
+        return MappingProxyType(self.as_dict())
 
     @staticmethod
     def parse(value: Mapping[str, Any] | None, supported: tuple["Budget", ...]) -> "Budget":

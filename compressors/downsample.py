@@ -29,6 +29,9 @@ newlines counted (they are part of the smaller image's vanilla packing).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from PIL import Image
 
 from compressors.base import Budget, Compressor
@@ -53,7 +56,7 @@ class Downsample(Compressor):
         budget: must be ``{scope: global, count_newlines: true}``.
     """
 
-    def __init__(self, ratio: float = 0.25, budget: dict | None = None) -> None:
+    def __init__(self, ratio: float = 0.25, budget: Mapping[str, Any] | None = BUDGETS[0].as_default()) -> None:
         super().__init__(ratio)
         self.budget = Budget.parse(budget, BUDGETS)
 

@@ -28,6 +28,8 @@ Signal: ``ClsAttention(layer)``, the [CLS] row only, SDPA on (the authors turn o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -69,7 +71,7 @@ class FasterVLM(Compressor):
 
     identity_at_full_ratio = False  # the forced spatial layout keeps padding and drops newlines
 
-    def __init__(self, ratio: float = 0.25, layer: int = -2, budget: dict | None = None) -> None:
+    def __init__(self, ratio: float = 0.25, layer: int = -2, budget: Mapping[str, Any] | None = BUDGETS[0].as_default()) -> None:
         super().__init__(ratio)
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"compressor.layer must be an integer CLIP layer index; got {layer!r}")

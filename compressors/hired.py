@@ -54,6 +54,9 @@ Budget: global over the V views' ``V * P`` tokens, newlines not counted (none ar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from compressors.base import (
@@ -162,7 +165,7 @@ class HiRED(Compressor):
     identity_at_full_ratio = False  # ratio 1 keeps every unpadded token but emits no newline
 
     def __init__(self, ratio: float = 0.2, alpha: float = 0.5, variant: str = "authors", content_layer: int = 0,
-                 importance_layer: int = -2, budget: dict | None = None) -> None:
+                 importance_layer: int = -2, budget: Mapping[str, Any] | None = BUDGETS[0].as_default()) -> None:
         super().__init__(ratio)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 1.0:
             raise ValueError(f"compressor.alpha must be a number in [0, 1) (the thumbnail's share of the budget); "

@@ -25,9 +25,11 @@ with vectorised torch (theirs loops over the kept tokens in Python). Per view, `
 Variants (``variant``):
 
 * ``authors`` (default): the merge as coded, ``x_i + sum_j a_j x_j``.
-* ``paper``: the merge as the paper describes it, a weighted average by attention:
-  ``x_i + sum_j a_j x_j / sum_j a_j`` (the authors' own line with its commented-out normalisation
-  restored). Selection, fill and the extra token are the same.
+* ``paper``: the merge as a weighted average by attention, ``x_i + sum_j a_j x_j / sum_j a_j``: the
+  authors' own line with its commented-out ``/ torch.sum(weights)`` restored, and how summaries of
+  the paper describe the step ("weighted averaging according to attention scores"; the paper's
+  full text was not available to check its equation). Selection, fill and the extra token are the
+  same.
 
 Deliberate difference (both variants): when no score is an outlier (``f = 0``) the authors' code
 divides by zero (``int(1 / f)``); vtclab keeps no top-k token and samples only index 0, the limit of
@@ -45,6 +47,8 @@ Signals: ``ClsAttention(-1)`` and ``LayerKeys(-1)`` (their hooks on the last lay
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,7 +146,7 @@ class PruMergePlus(Compressor):
     uses_projected_features = False  # merges CLIP features, projects only its output
 
     def __init__(self, ratio: float | None = None, variant: str = "authors", layer: int = -1,
-                 budget: dict | None = None) -> None:
+                 budget: Mapping[str, Any] | None = BUDGETS[0].as_default()) -> None:
         if ratio is not None:
             raise ValueError(f"compressor.ratio must be null for prumerge_plus: it chooses its own count per view "
                              f"(IQR outliers of the [CLS] attention); got {ratio!r}")

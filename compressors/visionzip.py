@@ -44,6 +44,9 @@ Signals: ``ClsAttention(layer)`` and ``LayerKeys(layer)``; SDPA stays on (the au
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from compressors.base import Budget, ClsAttention, Compressor, LayerKeys, Provenance, VisionInput, VisionOutput
@@ -170,7 +173,7 @@ class VisionZip(Compressor):
     uses_projected_features = False  # merges CLIP features, projects only its V * T tokens
 
     def __init__(self, ratio: float = 64 / 576, contextual_share: float = README_SHARE, layer: int = -2,
-                 budget: dict | None = None) -> None:
+                 budget: Mapping[str, Any] | None = BUDGETS[0].as_default()) -> None:
         super().__init__(ratio)
         if (isinstance(contextual_share, bool) or not isinstance(contextual_share, (int, float))
                 or not 0.0 < contextual_share < 1.0):

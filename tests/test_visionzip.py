@@ -86,6 +86,8 @@ def test_split_budget():
     assert split_budget(576, 64 / 576, 10 / 64) == (54, 10)
     assert split_budget(576, 128 / 576, 10 / 64) == (108, 20)
     assert split_budget(576, 192 / 576, 10 / 64) == (162, 30)
+    assert split_budget(576, 0.25, 10 / 64) == (121, 23)  # T = 144, C = floor(22.5 + 0.5)
+    assert split_budget(576, 0.1, 10 / 64) == (49, 9)  # T = floor(57.6 + 0.5) = 58, C = floor(9.0625 + 0.5)
     assert split_budget(576, 2 / 576, 10 / 64) == (1, 1)  # at least one contextual token, [CLS] dominant
     with pytest.raises(ValueError, match="at least 2 tokens per view"):
         split_budget(576, 1 / 576, 10 / 64)
