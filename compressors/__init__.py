@@ -5,7 +5,6 @@ Every module in this package is imported here, so a new compressor is one file t
 """
 
 from compressors.base import (
-    Budget,
     ClsAttention,
     Compressor,
     LastTokenAttention,
@@ -17,11 +16,12 @@ from compressors.base import (
     VisionOutput,
     VisionSignal,
 )
+from compressors.budget import Budget
 from compressors.geometry import AnyResLayout, layout_for_image
 from compressors.registry import build_compressor, get_compressor_class, list_compressors, register_compressor
 from vtclab.registry import import_submodules
 
-import_submodules(__name__, __path__, skip={"base", "geometry", "packing", "registry"})
+import_submodules(__name__, __path__, skip={"base", "budget", "geometry", "packing", "registry"})
 
 __all__ = [
     "AnyResLayout",

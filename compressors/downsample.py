@@ -34,7 +34,8 @@ from typing import Any
 
 from PIL import Image
 
-from compressors.base import Budget, Compressor
+from compressors.base import Compressor
+from compressors.budget import Budget
 from compressors.pooling import pooled_side
 from compressors.registry import register_compressor
 

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from compressors.base import Budget, ClsAttention, Compressor, Provenance, VisionInput, VisionOutput
+from compressors.base import ClsAttention, Compressor, Provenance, VisionInput, VisionOutput
+from compressors.budget import Budget
 from compressors.geometry import AnyResLayout
 from compressors.packing import gather_sources
 from compressors.registry import register_compressor

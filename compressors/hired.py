@@ -60,7 +60,6 @@ from typing import Any
 import torch
 
 from compressors.base import (
-    Budget,
     ClsAttention,
     Compressor,
     Provenance,
@@ -68,6 +67,7 @@ from compressors.base import (
     VisionOutput,
     check_choice,
 )
+from compressors.budget import Budget
 from compressors.geometry import AnyResLayout
 from compressors.globalcom2 import region_index
 from compressors.packing import gather_sources, spatial_source_order

@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 
 from compressors.base import (
-    Budget,
     ClsAttention,
     Compressor,
     LayerKeys,
@@ -64,6 +63,7 @@ from compressors.base import (
     VisionOutput,
     check_choice,
 )
+from compressors.budget import Budget
 from compressors.registry import register_compressor
 
 VARIANTS = ("authors", "paper")

@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from compressors.base import Budget, ClsAttention, Compressor, LayerKeys, Provenance, VisionInput, VisionOutput
+from compressors.base import ClsAttention, Compressor, LayerKeys, Provenance, VisionInput, VisionOutput
+from compressors.budget import Budget
 from compressors.fastervlm import tokens_per_view
 from compressors.geometry import AnyResLayout
 from compressors.registry import register_compressor
