@@ -88,10 +88,11 @@ class GenerationResult:
 
 
 @dataclass
-class EncodedImage:
-    """One image question up to the vision stage's input."""
+class ImageView:
+    """One image question as the vision tower will see it (the processor's side, no model yet)."""
 
-    vision_input: VisionInput
+    tiles: torch.Tensor  # [T, 3, s, s] thumbnail first; s = 336, or smaller after transform_image
+    layout: AnyResLayout
     input_ids: torch.Tensor  # [1, N] the processor's prompt ids (one run of <image> placeholders)
     tokens_before: int  # vanilla LLaVA-NeXT's visual tokens for the input image
 
@@ -157,40 +158,45 @@ class LlavaNextPipeline:
             output_logits=output_logits, return_dict_in_generate=output_logits,
         )
 
-    @torch.inference_mode()
-    def encode(self, image: Image.Image, question: str, compressor: Compressor, sample_seed: int = 0,
-               timings: dict[str, float] | None = None, signal_timings: dict[str, float] | None = None) -> EncodedImage:
-        """Image -> (fixed size, the compressor's image hook) -> tiles -> vision features and signals.
-
-        ``timings["vision_s"]`` gets the whole step; ``signal_timings["signals_s"]`` the signals alone
-        (device-synchronised per signal: for benchmarks).
-        """
+    def view(self, image: Image.Image, question: str, compressor: Compressor) -> ImageView:
+        """Image -> (fixed size, then the compressor's image hook) -> processor -> tiles and layout."""
         image = fixed_size(image, self.image_size)
         tokens_before = self.layout_of((image.height, image.width)).vanilla_token_count()
         image, side = compressor.transform_image(image, self.tile_side)
         inputs = self.processor_inputs(image, question, side)
         layout = self.layout_of(inputs["image_sizes"][0].tolist(), side)
         tiles = inputs["pixel_values"][0, : layout.num_tiles]  # [T, 3, s, s]; batch padding tiles dropped
+        return ImageView(tiles=tiles, layout=layout, input_ids=inputs["input_ids"], tokens_before=tokens_before)
+
+    @torch.inference_mode()
+    def encode(self, view: ImageView, compressor: Compressor, sample_seed: int = 0,
+               timings: dict[str, float] | None = None, signal_timings: dict[str, float] | None = None) -> VisionInput:
+        """Tiles -> vision features, the compressor's signals and (unless it projects its own output)
+        the projected features: the vision stage's input.
+
+        ``timings["vision_s"]`` gets the whole step; ``signal_timings["signals_s"]`` the signals alone
+        (device-synchronised per signal: for benchmarks).
+        """
         projector = self.model.model.multi_modal_projector
         with stopwatch(timings, "vision_s", self.device):
-            vision_features, signals = encode_vision(self.model, tiles, compressor.vision_signals,
+            vision_features, signals = encode_vision(self.model, view.tiles, compressor.vision_signals,
                                                      signal_timings)  # [T, 1+P, C]
             features = projector(vision_features[:, 1:]) if compressor.uses_projected_features else None  # [T, P, D]
-        vision_input = VisionInput(features=features, layout=layout, newline=self.model.model.image_newline,
-                                   signals=signals, sample_seed=sample_seed, vision_features=vision_features,
-                                   projector=projector)
-        return EncodedImage(vision_input=vision_input, input_ids=inputs["input_ids"], tokens_before=tokens_before)
+        return VisionInput(features=features, layout=view.layout, newline=self.model.model.image_newline,
+                           signals=signals, sample_seed=sample_seed, vision_features=vision_features,
+                           projector=projector)
 
     @torch.inference_mode()
     def prepare(self, image: Image.Image, question: str, compressor: Compressor, sample_seed: int = 0) -> PreparedPrompt:
         """Everything up to the LLM: image -> tiles -> features -> vision-stage compressor -> spliced prompt."""
         timings: dict[str, float] = {}
-        encoded = self.encode(image, question, compressor, sample_seed, timings=timings)
+        view = self.view(image, question, compressor)
+        vision_input = self.encode(view, compressor, sample_seed, timings=timings)
         with stopwatch(timings, "compress_s", self.device):
-            segment = compressor.compress_vision(encoded.vision_input)
-        input_ids = splice_image_tokens(encoded.input_ids, self.image_token_id, segment.num_tokens).to(self.device)
-        return PreparedPrompt(input_ids=input_ids, layout=encoded.vision_input.layout, segment=segment,
-                              timings=timings, tokens_before=encoded.tokens_before)
+            segment = compressor.compress_vision(vision_input)
+        input_ids = splice_image_tokens(view.input_ids, self.image_token_id, segment.num_tokens).to(self.device)
+        return PreparedPrompt(input_ids=input_ids, layout=view.layout, segment=segment, timings=timings,
+                              tokens_before=view.tokens_before)
 
     def llm_stage(self, compressor: Compressor, prepared: PreparedPrompt, timed: bool = False):
         """Context that applies the compressor's LLM stage (a no-op for vision-stage methods)."""

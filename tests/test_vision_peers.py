@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from compressors import LayerKeys, Provenance, build_compressor
+from compressors.visionzip import split_budget
 from models import build_pipeline
+from models.cost import CostConvention, CostModel, counted_flops
 from models.image_input import check_image_size
 from models.vision import encode_vision
 from tests.conftest import random_image
@@ -98,3 +100,31 @@ def test_provenance_select_keeps_weights_aligned():
     assert kept.weight.tolist() == [0.5, 0.25, 2.0] and kept.space == "vision"
     with pytest.raises(ValueError, match="provenance space must be one of projected, vision; got 'clip'"):
         Provenance(token=torch.tensor([0]), source=torch.tensor([0]), space="clip")
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_cost_model_counts_the_vision_side_as_it_runs(tiny, name):
+    """``FlopCounterMode`` over a real ``generate`` (one token) against the analytic vision figure:
+    signals (``ClsAttention``, ``LayerKeys``), smaller tiles (downsample) and CLIP-space mergers that
+    project only their output. The mergers' own similarity/merge products are the one part the model
+    leaves out; they are added here from their shapes (tiny CLIP: width 64, 4 heads of 16)."""
+    compressor = build_compressor({"name": name})
+    result = None
+
+    def run():
+        nonlocal result
+        result = tiny.generate(random_image(300, 500), QUESTION, compressor, max_new_tokens=1)
+
+    total, per_module = counted_flops(run)
+    vision_counted = total - per_module["LlavaNextForConditionalGeneration"]
+    cost = CostModel(tiny.model.config, CostConvention(), tiny.model.dtype, compressor)
+    views = result.layout.num_tiles
+    extra = 0
+    if name == "visionzip":  # key cosine (d = 16) and member means (C = 64) over R - C candidates per view
+        dominant, contextual = split_budget(576, compressor.ratio, compressor.contextual_share)
+        extra = 2 * views * (577 - dominant - contextual) * contextual * (16 + 64)
+    if name == "prumerge_plus":  # each kept token's key cosine with all 576 patches (keys of width 64)
+        extra = 2 * (result.visual_tokens_spliced - views) * 576 * 64
+    assert vision_counted == cost.vision_of(result)["total"] + extra
+    if name == "downsample":
+        assert result.layout.tokens_per_tile == 144
