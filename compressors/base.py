@@ -257,7 +257,7 @@ class Compressor:
         fixed_ratio: the only ratio a method takes (``none``: 1.0), or None; a sweep's ratio list
             does not apply to it, so a ratio sweep runs it once per model x benchmark.
         adaptive_budget: True for methods that choose their own token count per image (PruMerge+'s
-            outlier rule); their ``ratio`` must be None.
+            outlier rule); their ``ratio`` must be None, so a ratio sweep runs them once too.
         uses_projected_features: False for methods that merge in the vision tower's space and
             project only their output (``VisionInput.features`` is then None).
         vision_signals / llm_signals: the signals the pipeline must compute for this compressor.
@@ -274,6 +274,14 @@ class Compressor:
 
     def __init__(self, ratio: float = 1.0) -> None:
         self.ratio = check_ratio(ratio)
+
+    @classmethod
+    def ratio_in_sweep(cls, swept: Any) -> Any:
+        """The ratio a job of a ratio sweep runs this method at: its fixed ratio, None for an adaptive
+        count, else the swept value."""
+        if cls.adaptive_budget:
+            return None
+        return swept if cls.fixed_ratio is None else cls.fixed_ratio
 
     # -- image level -----------------------------------------------------------------------------
     def transform_image(self, image: "Image.Image", side: int) -> tuple["Image.Image", int]:

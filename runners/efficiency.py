@@ -129,11 +129,12 @@ def check_arguments(cfg: DictConfig) -> Plan:
     if len(cfg.image_hw) != 2 or min(cfg.image_hw) < 1:
         raise ValueError(f"image_hw must be [height, width] in pixels, got {list(cfg.image_hw)}")
     compressor_cfg = OmegaConf.to_container(cfg.compressor, resolve=True)
-    fixed = get_compressor_class(str(compressor_cfg.get("name"))).fixed_ratio
+    method = get_compressor_class(str(compressor_cfg.get("name")))
+    fixed = method.fixed_ratio
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     swept_fixed = in_sweep and fixed is not None and compressor_cfg.get("ratio") != fixed
-    if swept_fixed:  # none in a ratio sweep (experiment=ratio_sweep): its ratio is fixed
-        compressor_cfg["ratio"] = fixed
+    if in_sweep:  # none in a ratio sweep (experiment=ratio_sweep): its ratio is fixed; prumerge_plus: null
+        compressor_cfg["ratio"] = method.ratio_in_sweep(compressor_cfg.get("ratio"))
     compressor = build_compressor(compressor_cfg)
     convention = CostConvention(**OmegaConf.to_container(cfg.cost, resolve=True, enum_to_str=True))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)

@@ -12,7 +12,6 @@ from models.cost import CostConvention, CostModel, counted_flops
 from models.image_input import check_image_size
 from models.vision import encode_vision
 from tests.conftest import random_image
-from tests.test_config import compose_cfg  # noqa: F401  (fixture)
 
 QUESTION = "What color is the circle?"
 PEERS = ["hired", "fastervlm", "visionzip", "prumerge_plus", "downsample"]
