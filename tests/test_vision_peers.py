@@ -127,3 +127,21 @@ def test_cost_model_counts_the_vision_side_as_it_runs(tiny, name):
     assert vision_counted == cost.vision_of(result)["total"] + extra
     if name == "downsample":
         assert result.layout.tokens_per_tile == 144
+
+
+def test_visualiser_draws_the_tiles_the_tower_saw_and_skips_cls_sources(tiny):
+    """runners.visualize with the peers: downsample's smaller tiles are drawn as encoded (14 s px), and
+    VisionZip's [CLS] sources (ids past the patches) have no pixels to mark."""
+    from benchmarks import Sample
+    from runners.visualize import KEPT, MERGED, token_map, visualize_sample
+
+    sample = Sample(id="noise", image=random_image(290, 660, seed=3), question=QUESTION, answers=("x",))
+    vis = visualize_sample(tiny, build_compressor({"name": "downsample", "ratio": 0.25}), sample, 0)
+    assert vis.layout.side == 12 and vis.pixels.shape == (vis.layout.num_tiles, 12 * 14, 12 * 14, 3)
+    layout = vis.layout
+    patches = layout.num_tiles * layout.tokens_per_tile
+    # token 0 <- patch 3; token 1 <- tile 0's [CLS] alone; token 2 <- patch 7 and tile 1's [CLS]
+    provenance = Provenance(token=torch.tensor([0, 1, 2, 2]), source=torch.tensor([3, patches, 7, patches + 1]))
+    states = token_map(layout, provenance).states.view(-1)
+    assert states[3] == KEPT and states[7] == KEPT != MERGED  # a [CLS] partner does not make a patch merged
+    assert int((states == KEPT).sum()) == 2
