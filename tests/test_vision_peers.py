@@ -145,3 +145,10 @@ def test_visualiser_draws_the_tiles_the_tower_saw_and_skips_cls_sources(tiny):
     states = token_map(layout, provenance).states.view(-1)
     assert states[3] == KEPT and states[7] == KEPT != MERGED  # a [CLS] partner does not make a patch merged
     assert int((states == KEPT).sum()) == 2
+
+
+def test_paper_table_groups_an_adaptive_count_after_the_ratios():
+    from runners.paper_table import _group
+
+    keys = sorted([_group("prumerge_plus", None), _group("hired", 0.1), _group("none", 1.0), _group("hired", 0.5)])
+    assert [label for _, label in keys] == ["Upper bound", "Retain 50%", "Retain 10%", "Adaptive count"]
