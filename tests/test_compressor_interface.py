@@ -204,6 +204,8 @@ def test_full_ratio_identity_claims_are_true(name):
         features = inp.features if inp.features is not None else inp.projector(inp.vision_features[:, 1:])
         vanilla = pack_spatial(features, layout, inp.newline)
         outcomes.append(out.embeds.shape == vanilla.embeds.shape and torch.equal(out.embeds, vanilla.embeds))
+        if not outcomes[-1] and not cls.identity_at_full_ratio:
+            break  # one layout where it is not the identity settles the claim
     if cls.identity_at_full_ratio:
         assert all(outcomes)
     else:
