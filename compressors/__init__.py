@@ -8,6 +8,7 @@ from compressors.base import (
     ClsAttention,
     Compressor,
     LastTokenAttention,
+    LayerKeys,
     LLMInput,
     LLMSignal,
     Provenance,
@@ -15,19 +16,22 @@ from compressors.base import (
     VisionOutput,
     VisionSignal,
 )
+from compressors.budget import Budget
 from compressors.geometry import AnyResLayout, layout_for_image
 from compressors.registry import build_compressor, get_compressor_class, list_compressors, register_compressor
 from vtclab.registry import import_submodules
 
-import_submodules(__name__, __path__, skip={"base", "geometry", "packing", "registry"})
+import_submodules(__name__, __path__, skip={"base", "budget", "geometry", "packing", "registry"})
 
 __all__ = [
     "AnyResLayout",
+    "Budget",
     "ClsAttention",
     "Compressor",
     "LLMInput",
     "LLMSignal",
     "LastTokenAttention",
+    "LayerKeys",
     "Provenance",
     "VisionInput",
     "VisionOutput",

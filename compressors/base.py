@@ -3,8 +3,12 @@
 A compressor can act at two points of the LLaVA-NeXT pipeline; it overrides the hook of the stage
 it uses and inherits the pass-through for the other one:
 
+* **image level** (``transform_image``): before the processor, may hand the vision tower a smaller
+  image at a smaller tile size (``downsample``);
 * **vision stage** (``compress_vision``): sees one image's projected tile features with its AnyRes
-  layout and returns the token segment spliced into the prompt (GlobalCom2, random, pooling, ...).
+  layout (and, for methods that merge in CLIP space, the vision tower's features and the
+  projector) and returns the token segment spliced into the prompt (GlobalCom2, HiRED, VisionZip,
+  ...).
 * **LLM stage** (``llm_layer`` + ``select_llm_tokens``): at the input of decoder layer K, during
   prefill, picks which sequence positions the layers from K on keep (FastV, ...).
 
@@ -15,12 +19,18 @@ LLM) are computed by the pipeline only when a compressor lists them in ``vision_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from compressors.geometry import NEWLINE_SOURCE, AnyResLayout
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from compressors.budget import Budget
 
 # ---------------------------------------------------------------------------------------------
 # Signals a compressor may ask for
@@ -50,6 +60,15 @@ class ClsAttention(VisionSignal):
 
 
 @dataclass(frozen=True)
+class LayerKeys(VisionSignal):
+    """Key projections of one vision-tower layer, per head, for every token ([CLS] first).
+
+    Value in ``VisionInput.signals[request]``: ``[num_tiles, 1 + side**2, heads, head_dim]``, the
+    layer's ``k_proj`` (bias included) applied to its normed input: the keys its attention uses.
+    """
+
+
+@dataclass(frozen=True)
 class LLMSignal:
     """Base of LLM-stage signals; each type has one provider in ``models.llm_stage``."""
 
@@ -74,27 +93,57 @@ class VisionInput:
 
     Attributes:
         features: ``[num_tiles, side**2, D]`` projected tile features, thumbnail first, crops
-            row-major (``layout.num_tiles`` tiles).
+            row-major (``layout.num_tiles`` tiles). None when the compressor declared
+            ``uses_projected_features = False`` (it merges in the vision tower's space and projects
+            only its own output, so the pipeline skips projecting every token).
         layout: crop grid, token side and original image size.
         newline: ``[D]`` the model's ``image_newline`` embedding.
         signals: the values of the compressor's ``vision_signals`` requests.
         sample_seed: a stable per-sample integer; compressors that draw random numbers seed from it
             so a resumed run draws exactly what an uninterrupted one would.
+        vision_features: ``[num_tiles, 1 + side**2, C]`` the vision tower's hidden state at the
+            feature layer, [CLS] first (what the projector maps; ``features == projector(
+            vision_features[:, 1:])``). None where the caller has no vision tower at hand.
+        projector: the model's multimodal projector, ``[..., C] -> [..., D]`` (with
+            ``vision_features``).
     """
 
-    features: torch.Tensor
+    features: torch.Tensor | None
     layout: AnyResLayout
     newline: torch.Tensor
     signals: dict[Any, torch.Tensor] = field(default_factory=dict)
     sample_seed: int = 0
+    vision_features: torch.Tensor | None = None
+    projector: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        expected = (self.layout.num_tiles, self.layout.tokens_per_tile)
-        if self.features.dim() != 3 or tuple(self.features.shape[:2]) != expected:
+        tiles, tokens = self.layout.num_tiles, self.layout.tokens_per_tile
+        grid = f"{self.layout.rows}x{self.layout.cols}"
+        if self.features is None and (self.vision_features is None or self.projector is None):
+            raise ValueError("VisionInput needs features, or vision_features and projector to compute them")
+        if self.features is not None and (self.features.dim() != 3 or tuple(self.features.shape[:2]) != (tiles, tokens)):
             raise ValueError(
-                f"features must be [num_tiles={expected[0]}, side**2={expected[1]}, D] for layout "
-                f"{self.layout.rows}x{self.layout.cols}; got {tuple(self.features.shape)}"
+                f"features must be [num_tiles={tiles}, side**2={tokens}, D] for layout "
+                f"{grid}; got {tuple(self.features.shape)}"
             )
+        vision = self.vision_features
+        if vision is not None and (vision.dim() != 3 or tuple(vision.shape[:2]) != (tiles, 1 + tokens)):
+            raise ValueError(f"vision_features must be [num_tiles={tiles}, 1 + side**2={1 + tokens}, C] for "
+                             f"layout {grid}; got {tuple(vision.shape)}")
+
+    def vision_tokens_by_source(self) -> torch.Tensor:
+        """The vision tower's tokens indexed by source id: ``[num_tiles * side**2 + num_tiles, C]``.
+
+        Rows ``tile * side**2 + patch`` are patch tokens, row ``layout.cls_source_id(tile)`` is that
+        tile's [CLS] token (see ``compressors.geometry``).
+        """
+        if self.vision_features is None:
+            raise ValueError("this compressor needs vision_features (the pipeline passes them)")
+        vision = self.vision_features  # [T, 1 + P, C]
+        return torch.cat([vision[:, 1:].reshape(-1, vision.shape[-1]), vision[:, 0]])
+
+
+PROVENANCE_SPACES = ("projected", "vision")
 
 
 @dataclass
@@ -103,11 +152,24 @@ class Provenance:
 
     Pruning gives one pair per kept token; pooling or merging gives one pair per member of the
     window. ``image_newline`` tokens have no source and no pair. Source ids are defined in
-    ``compressors.geometry`` (``tile * side**2 + patch``).
+    ``compressors.geometry`` (``tile * side**2 + patch``; a tile's [CLS] token has
+    ``layout.cls_source_id(tile)``).
+
+    Output token t is ``sum_pairs weight * source``: with ``weight=None`` the plain mean of its
+    sources. ``space`` says where the sum is taken: ``"projected"``, over the projector's outputs
+    (``VisionInput.features``); ``"vision"``, over the vision tower's tokens
+    (``VisionInput.vision_tokens_by_source()``), the projector then applied to the sum (methods that
+    merge in CLIP space, as VisionZip and PruMerge+ do).
     """
 
     token: torch.Tensor  # [M] long, position in the output segment
     source: torch.Tensor  # [M] long, source id
+    weight: torch.Tensor | None = None  # [M] float, the source's coefficient; None = mean of the token's sources
+    space: str = "projected"
+
+    def __post_init__(self) -> None:
+        if self.space not in PROVENANCE_SPACES:
+            raise ValueError(f"provenance space must be one of {', '.join(PROVENANCE_SPACES)}; got {self.space!r}")
 
     @staticmethod
     def one_to_one(source: torch.Tensor) -> "Provenance":
@@ -122,7 +184,8 @@ class Provenance:
         new_index[kept_positions] = torch.arange(kept_positions.numel(), device=self.token.device)
         mapped = new_index[self.token]
         keep = mapped >= 0
-        return Provenance(token=mapped[keep], source=self.source[keep])
+        weight = None if self.weight is None else self.weight[keep]
+        return Provenance(token=mapped[keep], source=self.source[keep], weight=weight, space=self.space)
 
 
 @dataclass
@@ -177,6 +240,13 @@ def check_ratio(ratio: Any) -> float:
     return float(ratio)
 
 
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """Validate a string option: ``compressor.<key>`` must be one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"compressor.{key} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
 class Compressor:
     """Base class: pass-through at both stages. Subclasses override the stage they act at.
 
@@ -186,16 +256,41 @@ class Compressor:
             exactly; the test suite checks it for every compressor that claims it.
         fixed_ratio: the only ratio a method takes (``none``: 1.0), or None; a sweep's ratio list
             does not apply to it, so a ratio sweep runs it once per model x benchmark.
+        adaptive_budget: True for methods that choose their own token count per image (PruMerge+'s
+            outlier rule); their ``ratio`` must be None, so a ratio sweep runs them once too.
+        uses_projected_features: False for methods that merge in the vision tower's space and
+            project only their output (``VisionInput.features`` is then None).
         vision_signals / llm_signals: the signals the pipeline must compute for this compressor.
         llm_layer: decoder layer K at whose input ``select_llm_tokens`` runs; None = no LLM stage.
+        budget: what ``ratio`` means for this method (``Budget``), or None where not declared.
     """
 
     name: ClassVar[str] = ""
     identity_at_full_ratio: ClassVar[bool] = True
     fixed_ratio: ClassVar[float | None] = None
+    adaptive_budget: ClassVar[bool] = False
+    uses_projected_features: ClassVar[bool] = True
+    budget: Budget | None = None
 
     def __init__(self, ratio: float = 1.0) -> None:
         self.ratio = check_ratio(ratio)
+
+    @classmethod
+    def ratio_in_sweep(cls, swept: Any) -> Any:
+        """The ratio a job of a ratio sweep runs this method at: its fixed ratio, None for an adaptive
+        count, else the swept value."""
+        if cls.adaptive_budget:
+            return None
+        return swept if cls.fixed_ratio is None else cls.fixed_ratio
+
+    # -- image level -----------------------------------------------------------------------------
+    def transform_image(self, image: "Image.Image", side: int) -> tuple["Image.Image", int]:
+        """The image the processor receives and the tile side (tokens) the vision tower encodes it at.
+
+        Default: unchanged (``side`` is the model's, 24 for 336 px / patch 14). ``downsample``
+        returns a smaller image and side; the pipeline then cuts tiles of ``side * patch`` pixels.
+        """
+        return image, side
 
     # -- vision stage ----------------------------------------------------------------------------
     @property
@@ -232,7 +327,10 @@ class Compressor:
     # -- reporting -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """The settings that define this compressor, for logs and result files."""
-        return {"name": self.name, "ratio": self.ratio}
+        described = {"name": self.name, "ratio": self.ratio}
+        if self.budget is not None:
+            described["budget"] = self.budget.as_dict()
+        return described
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")

@@ -8,7 +8,9 @@ Every vision-stage compressor works on the same picture of an image, so it lives
 * the crops tile a canvas of ``rows*side x cols*side`` tokens, of which only a centred box holds
   the image (the rest is padding); vanilla LLaVA-NeXT keeps that box and ends each of its rows
   with one ``image_newline`` token;
-* a *source id* names one input token: ``tile * side**2 + y * side + x``; ``-1`` marks a newline.
+* a *source id* names one input token: ``tile * side**2 + y * side + x``; ``-1`` marks a newline;
+  the ids after the patch tokens, ``num_tiles * side**2 + tile``, name each tile's [CLS] token
+  (which VisionZip passes to the LLM).
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class AnyResLayout:
     @property
     def canvas_hw(self) -> tuple[int, int]:
         return self.rows * self.side, self.cols * self.side
+
+    def cls_source_id(self, tile: int | torch.Tensor) -> int | torch.Tensor:
+        """Source id of a tile's [CLS] token: after every patch id, ``num_tiles * side**2 + tile``."""
+        return self.num_tiles * self.tokens_per_tile + tile
 
     def with_side(self, side: int) -> "AnyResLayout":
         """The same grid and image on tiles of ``side x side`` tokens (e.g. after pooling)."""

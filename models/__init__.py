@@ -49,7 +49,8 @@ def build_pipeline(cfg: Mapping[str, Any]) -> LlavaNextPipeline:
         )
     else:
         raise ValueError(f"unknown model.loader {loader!r}; allowed: {', '.join(LOADERS)}")
-    return LlavaNextPipeline(model, processor, prompt_format=cfg.get("prompt_format", "vicuna_v1"))
+    return LlavaNextPipeline(model, processor, prompt_format=cfg.get("prompt_format", "vicuna_v1"),
+                             image_size=cfg.get("image_size"))
 
 
 @dataclass(frozen=True)

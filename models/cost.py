@@ -28,13 +28,13 @@ from __future__ import annotations
 import statistics
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any, Optional
 
 import torch
 
-from compressors.base import ClsAttention, LastTokenAttention
+from compressors.base import ClsAttention, LastTokenAttention, LayerKeys
 from models.vision import vision_layers_run
 
 TERA = 1e12
@@ -250,10 +250,12 @@ def decode_step_flops(shape: DecoderShape, tokens: PrefillTokens, convention: Co
     return total + (convention.flops_per_mac * shape.hidden * shape.vocab if convention.lm_head else 0)
 
 
-def vision_flops(shape: VisionShape, num_tiles: int, convention: CostConvention) -> dict[str, int]:
+def vision_flops(shape: VisionShape, num_tiles: int, convention: CostConvention,
+                 projected_tokens: int | None = None) -> dict[str, int]:
     """Vision-side FLOPs of one image by part: the patch embedding, the encoder layers that run
     (q, k, v, o projections, full bidirectional attention over ``1 + P`` tokens, a 2-matrix MLP)
-    and the 2-layer projector on the P patch tokens, for every tile. ``total`` is the sum.
+    and the 2-layer projector on the P patch tokens, for every tile (or on ``projected_tokens``
+    tokens, for methods that project only their own output). ``total`` is the sum.
 
     Only ``flops_per_mac`` applies here: CLIP's attention is bidirectional (never causal), and
     LLM-Viewer's element-wise ops are a decoder convention.
@@ -265,7 +267,8 @@ def vision_flops(shape: VisionShape, num_tiles: int, convention: CostConvention)
     flops = {
         "patch_embedding": mac * num_tiles * patches * shape.patch_macs * c,
         "encoder": mac * num_tiles * shape.layers_run * per_layer,
-        "projector": mac * num_tiles * patches * (vision_in * text_hidden + text_hidden * text_hidden),
+        "projector": mac * (num_tiles * patches if projected_tokens is None else projected_tokens)
+        * (vision_in * text_hidden + text_hidden * text_hidden),
     }
     flops["total"] = sum(flops.values())
     return flops
@@ -275,11 +278,14 @@ def vision_signal_macs(shape: VisionShape, request: Any) -> int | None:
     """MACs of one vision signal per tile (None for a type the cost model does not know).
 
     ``ClsAttention``: the [CLS] query (``C x C``), the keys of all ``1 + P`` tokens (``C x C`` each)
-    and their dot products with the query (``C`` each).
+    and their dot products with the query (``C`` each). ``LayerKeys``: the keys of all ``1 + P``
+    tokens.
     """
+    c, n = shape.hidden, shape.tokens
     if isinstance(request, ClsAttention):
-        c, n = shape.hidden, shape.tokens
         return c * c + n * c * c + n * c
+    if isinstance(request, LayerKeys):
+        return n * c * c
     return None
 
 
@@ -330,6 +336,8 @@ class CostModel:
         self.vision_signals = tuple(compressor.vision_signals) if compressor is not None else ()
         self.llm_signals = tuple(compressor.llm_signals) if compressor is not None else ()
         self.llm_layer = compressor.llm_layer if compressor is not None else None
+        # methods that merge in CLIP space project only the tokens they emit
+        self.projects_own_output = compressor is not None and not compressor.uses_projected_features
         self.decoder = DecoderShape.from_config(config.text_config)
         self.vision = VisionShape.from_config(config, self.vision_signals)
         self.convention = convention
@@ -353,14 +361,25 @@ class CostModel:
     def decode_step(self, tokens: PrefillTokens, step: int = 1) -> int:
         return decode_step_flops(self.decoder, tokens, self.convention, step)
 
-    def vision_tower(self, num_tiles: int) -> dict[str, int]:
-        """Vision FLOPs by part (``vision_flops``), plus the vision signals (key ``signals``)."""
-        flops = vision_flops(self.vision, num_tiles, self.convention)
+    def vision_tower(self, num_tiles: int, tokens_per_tile: int | None = None,
+                     projected_tokens: int | None = None) -> dict[str, int]:
+        """Vision FLOPs by part (``vision_flops``), plus the vision signals (key ``signals``).
+
+        ``tokens_per_tile``: patch tokens per tile when the tiles are not the tower's size
+        (``downsample``); ``projected_tokens``: tokens through the projector when not every patch.
+        """
+        shape = self.vision if tokens_per_tile is None else replace(self.vision, tokens=1 + tokens_per_tile)
+        flops = vision_flops(shape, num_tiles, self.convention, projected_tokens)
         if self.vision_signals:
-            macs = sum(vision_signal_macs(self.vision, r) or 0 for r in self.vision_signals)
+            macs = sum(vision_signal_macs(shape, r) or 0 for r in self.vision_signals)
             flops["signals"] = self.convention.flops_per_mac * num_tiles * macs
             flops["total"] += flops["signals"]
         return flops
+
+    def vision_of(self, result) -> dict[str, int]:
+        """``vision_tower`` for a ``GenerationResult``: its tiles, their size, what was projected."""
+        projected = result.visual_tokens_spliced if self.projects_own_output else None
+        return self.vision_tower(result.layout.num_tiles, result.layout.tokens_per_tile, projected)
 
     def kv_cache(self, tokens: PrefillTokens) -> int:
         return kv_cache_bytes(self.decoder, tokens, self.convention, self.dtype)
@@ -370,7 +389,7 @@ class CostModel:
         tokens = PrefillTokens.from_result(result)
         return {
             "prefill_tflops": self.prefill(tokens)["total"] / TERA,
-            "vision_tflops": self.vision_tower(result.layout.num_tiles)["total"] / TERA,
+            "vision_tflops": self.vision_of(result)["total"] / TERA,
             "kv_cache_mb": self.kv_cache(tokens) / MEGA,
         }
 

@@ -20,10 +20,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from compressors.base import Compressor, Provenance, VisionInput, VisionOutput
 from compressors.geometry import AnyResLayout, layout_for_image
+from models.image_input import check_image_size, fixed_size, process_scaled, scaled_pinpoints
 from models.llm_stage import LLMStagePruning
 from models.prompts import format_prompt
 from models.timing import stopwatch, synchronize
-from models.vision import encode_tiles
+from models.vision import encode_vision
 
 
 class _PrefillClock(LogitsProcessor):
@@ -62,7 +63,8 @@ def splice_image_tokens(input_ids: torch.Tensor, image_token_id: int, count: int
 class GenerationResult:
     """One answer and what it cost.
 
-    Token counts are per image: ``before`` = vanilla LLaVA-NeXT's count; ``spliced`` = tokens
+    Token counts are per image: ``before`` = vanilla LLaVA-NeXT's count for the input image (after
+    the fixed-size resize, if any, before any compressor's own resize); ``spliced`` = tokens
     placed at ``<image>`` (after the vision stage); ``after`` = visual tokens the last decoder
     layers see (after the LLM stage, if any); ``layer_mean`` = visual tokens averaged over decoder
     layers (the convention FastV-style papers quote). ``layer_lengths`` / ``layer_newlines``: the
@@ -86,6 +88,16 @@ class GenerationResult:
 
 
 @dataclass
+class ImageView:
+    """One image question as the vision tower will see it (the processor's side, no model yet)."""
+
+    tiles: torch.Tensor  # [T, 3, s, s] thumbnail first; s = 336, or smaller after transform_image
+    layout: AnyResLayout
+    input_ids: torch.Tensor  # [1, N] the processor's prompt ids (one run of <image> placeholders)
+    tokens_before: int  # vanilla LLaVA-NeXT's visual tokens for the input image
+
+
+@dataclass
 class PreparedPrompt:
     """The compressed prompt, ready for the language model."""
 
@@ -93,29 +105,48 @@ class PreparedPrompt:
     layout: AnyResLayout
     segment: VisionOutput
     timings: dict[str, float]
+    tokens_before: int = 0  # vanilla LLaVA-NeXT's visual tokens for the input image
 
 
 class LlavaNextPipeline:
-    """A loaded LLaVA-NeXT model + processor that answers one image question at a time."""
+    """A loaded LLaVA-NeXT model + processor that answers one image question at a time.
 
-    def __init__(self, model, processor, prompt_format: str = "vicuna_v1") -> None:
+    ``image_size`` (``model.image_size``): resize every image to that square first (672: the
+    papers' fixed 2x2 grid); None keeps native AnyRes.
+    """
+
+    def __init__(self, model, processor, prompt_format: str = "vicuna_v1", image_size: int | None = None) -> None:
         format_prompt("", prompt_format)  # fail fast on an unknown format
         self.model = model
         self.processor = processor
         self.prompt_format = prompt_format
+        self.image_size = check_image_size(image_size)
         config = model.config
         self.image_token_id = config.image_token_id
         self.tile_px = config.vision_config.image_size
         self.patch_px = config.vision_config.patch_size
+        self.tile_side = self.tile_px // self.patch_px
 
     @property
     def device(self) -> torch.device:
         return self.model.model.language_model.embed_tokens.weight.device
 
-    def processor_inputs(self, image: Image.Image, question: str):
-        """The processor's tensors for one image question (placeholders already expanded)."""
+    def processor_inputs(self, image: Image.Image, question: str, side: int | None = None):
+        """The processor's tensors for one image question (placeholders already expanded).
+
+        With a tile ``side`` other than the model's, tiles of ``side * patch`` pixels and a single
+        placeholder (``models.image_input.process_scaled``).
+        """
         prompt = format_prompt(question, self.prompt_format)
+        if side is not None and side != self.tile_side:
+            return process_scaled(self.processor, image, prompt, side, self.patch_px)
         return self.processor(images=image, text=prompt, return_tensors="pt")
+
+    def layout_of(self, image_hw: tuple[int, int], side: int | None = None) -> AnyResLayout:
+        """The AnyRes layout of an image of ``image_hw`` (H, W) on tiles of ``side`` tokens."""
+        side = self.tile_side if side is None else side
+        pinpoints = scaled_pinpoints(self.model.config.image_grid_pinpoints, side, self.tile_side)
+        return layout_for_image(tuple(image_hw), pinpoints, side * self.patch_px, self.patch_px)
 
     def generation_config(self, max_new_tokens: int, output_logits: bool = False) -> GenerationConfig:
         """Greedy decoding, one beam, the model's own eos/pad ids (``output_logits``: also return the
@@ -127,26 +158,45 @@ class LlavaNextPipeline:
             output_logits=output_logits, return_dict_in_generate=output_logits,
         )
 
+    def view(self, image: Image.Image, question: str, compressor: Compressor) -> ImageView:
+        """Image -> (fixed size, then the compressor's image hook) -> processor -> tiles and layout."""
+        image = fixed_size(image, self.image_size)
+        tokens_before = self.layout_of((image.height, image.width)).vanilla_token_count()
+        image, side = compressor.transform_image(image, self.tile_side)
+        inputs = self.processor_inputs(image, question, side)
+        layout = self.layout_of(inputs["image_sizes"][0].tolist(), side)
+        tiles = inputs["pixel_values"][0, : layout.num_tiles]  # [T, 3, s, s]; batch padding tiles dropped
+        return ImageView(tiles=tiles, layout=layout, input_ids=inputs["input_ids"], tokens_before=tokens_before)
+
+    @torch.inference_mode()
+    def encode(self, view: ImageView, compressor: Compressor, sample_seed: int = 0,
+               timings: dict[str, float] | None = None, signal_timings: dict[str, float] | None = None) -> VisionInput:
+        """Tiles -> vision features, the compressor's signals and (unless it projects its own output)
+        the projected features: the vision stage's input.
+
+        ``timings["vision_s"]`` gets the whole step; ``signal_timings["signals_s"]`` the signals alone
+        (device-synchronised per signal: for benchmarks).
+        """
+        projector = self.model.model.multi_modal_projector
+        with stopwatch(timings, "vision_s", self.device):
+            vision_features, signals = encode_vision(self.model, view.tiles, compressor.vision_signals,
+                                                     signal_timings)  # [T, 1+P, C]
+            features = projector(vision_features[:, 1:]) if compressor.uses_projected_features else None  # [T, P, D]
+        return VisionInput(features=features, layout=view.layout, newline=self.model.model.image_newline,
+                           signals=signals, sample_seed=sample_seed, vision_features=vision_features,
+                           projector=projector)
+
     @torch.inference_mode()
     def prepare(self, image: Image.Image, question: str, compressor: Compressor, sample_seed: int = 0) -> PreparedPrompt:
-        """Everything up to the LLM: tiles -> features -> vision-stage compressor -> spliced prompt."""
-        device = self.device
-        inputs = self.processor_inputs(image, question)
-        layout = layout_for_image(tuple(inputs["image_sizes"][0].tolist()), self.model.config.image_grid_pinpoints,
-                                  self.tile_px, self.patch_px)
-        tiles = inputs["pixel_values"][0, : layout.num_tiles]  # [T, 3, 336, 336]; batch padding tiles dropped
+        """Everything up to the LLM: image -> tiles -> features -> vision-stage compressor -> spliced prompt."""
         timings: dict[str, float] = {}
-
-        with stopwatch(timings, "vision_s", device):
-            features, signals = encode_tiles(self.model, tiles, compressor.vision_signals)  # [T, 576, D]
-        with stopwatch(timings, "compress_s", device):
-            segment = compressor.compress_vision(
-                VisionInput(features=features, layout=layout, newline=self.model.model.image_newline,
-                            signals=signals, sample_seed=sample_seed)
-            )
-
-        input_ids = splice_image_tokens(inputs["input_ids"], self.image_token_id, segment.num_tokens).to(device)
-        return PreparedPrompt(input_ids=input_ids, layout=layout, segment=segment, timings=timings)
+        view = self.view(image, question, compressor)
+        vision_input = self.encode(view, compressor, sample_seed, timings=timings)
+        with stopwatch(timings, "compress_s", self.device):
+            segment = compressor.compress_vision(vision_input)
+        input_ids = splice_image_tokens(view.input_ids, self.image_token_id, segment.num_tokens).to(self.device)
+        return PreparedPrompt(input_ids=input_ids, layout=view.layout, segment=segment, timings=timings,
+                              tokens_before=view.tokens_before)
 
     def llm_stage(self, compressor: Compressor, prepared: PreparedPrompt, timed: bool = False):
         """Context that applies the compressor's LLM stage (a no-op for vision-stage methods)."""
@@ -240,7 +290,7 @@ class LlavaNextPipeline:
             new_tokens=int(new_ids.numel()),
             prompt_tokens=int(input_ids.shape[1]),
             layout=prepared.layout,
-            visual_tokens_before=prepared.layout.vanilla_token_count(),
+            visual_tokens_before=prepared.tokens_before,
             visual_tokens_spliced=spliced,
             visual_tokens_after=after,
             visual_tokens_layer_mean=layer_mean,

@@ -1,12 +1,13 @@
 """Tile features and vision-side signals from LLaVA-NeXT's own modules, computing only what is asked.
 
-``encode_tiles`` runs the CLIP tower layer by layer and stops at the deepest layer anything needs:
-vanilla LLaVA-NeXT reads ``hidden_states[-2]``, so the last CLIP layer never has to run. Signals are
-dispatched by request type to one provider each (``VISION_SIGNAL_PROVIDERS``): a provider gets the
-encoder layer a request names and that layer's input, so a new signal (a layer's keys, its hidden
-states) is one function registered with ``@vision_signal_provider(RequestType)``. A
+``encode_vision`` runs the CLIP tower layer by layer and stops at the deepest layer anything needs:
+vanilla LLaVA-NeXT reads ``hidden_states[-2]``, so the last CLIP layer never has to run.
+``encode_tiles`` adds the projector. Signals are dispatched by request type to one provider each
+(``VISION_SIGNAL_PROVIDERS``): a provider gets the encoder layer a request names and that layer's
+input, so a new signal is one function registered with ``@vision_signal_provider(RequestType)``. A
 ``ClsAttention(layer=l)`` request costs one [CLS]-row query and one key projection of layer l's
-normed input; no attention map is materialised and the tower keeps its SDPA attention.
+normed input, a ``LayerKeys(layer=l)`` request one key projection; no attention map is
+materialised and the tower keeps its SDPA attention.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from compressors.base import ClsAttention, VisionSignal
+from compressors.base import ClsAttention, LayerKeys, VisionSignal
 from models.timing import stopwatch
 
 # request type -> fn(encoder layer, that layer's input [T, 1+P, C], request) -> value
@@ -54,7 +55,7 @@ def _resolve_index(index: int, size: int, what: str) -> int:
 
 
 def vision_layers_run(config, requests: Iterable[VisionSignal] = ()) -> int:
-    """How many CLIP encoder layers ``encode_tiles`` runs: up to the feature layer or the deepest
+    """How many CLIP encoder layers ``encode_vision`` runs: up to the feature layer or the deepest
     layer a requested signal reads, whichever is deeper (the cost model counts the same layers)."""
     num_layers = config.vision_config.num_hidden_layers
     feature_index = _resolve_index(config.vision_feature_layer, num_layers + 1, "vision_feature_layer")
@@ -65,6 +66,25 @@ def vision_layers_run(config, requests: Iterable[VisionSignal] = ()) -> int:
 @vision_signal_provider(ClsAttention)
 def _cls_attention(layer: nn.Module, hidden: torch.Tensor, request: ClsAttention) -> torch.Tensor:
     return cls_attention_logits(layer, hidden)
+
+
+@vision_signal_provider(LayerKeys)
+def _layer_keys(layer: nn.Module, hidden: torch.Tensor, request: LayerKeys) -> torch.Tensor:
+    return layer_keys(layer, hidden)
+
+
+def layer_keys(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Keys of one CLIP encoder layer, per head.
+
+    Args:
+        layer: a ``CLIPEncoderLayer``.
+        hidden: ``[T, 1 + P, C]`` the layer's input.
+    Returns:
+        ``[T, 1 + P, heads, head_dim]``: ``k_proj(layer_norm1(hidden))`` in the model dtype.
+    """
+    attn = layer.self_attn
+    key = attn.k_proj(layer.layer_norm1(hidden))  # [T, 1+P, C]
+    return key.view(*key.shape[:2], attn.num_heads, attn.head_dim)
 
 
 def cls_attention_logits(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -88,23 +108,25 @@ def cls_attention_logits(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def encode_tiles(
+def encode_vision(
     model: nn.Module,
     pixel_values: torch.Tensor,
     requests: Iterable[VisionSignal] = (),
     timings: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[VisionSignal, torch.Tensor]]:
-    """Projected tile features and the requested vision signals.
+    """The vision tower's hidden state at the feature layer and the requested vision signals.
 
     Args:
         model: a ``LlavaNextForConditionalGeneration``.
-        pixel_values: ``[T, 3, 336, 336]`` one image's tiles (thumbnail first).
+        pixel_values: ``[T, 3, S, S]`` one image's tiles (thumbnail first). ``S`` is normally the
+            tower's ``image_size`` (336); other multiples of the patch size are encoded with
+            interpolated position embeddings (``downsample``'s smaller tiles).
         requests: vision signals to compute (each type needs a registered provider).
         timings: if given, ``timings["signals_s"]`` gets the time spent computing the signals
             (device-synchronised; for benchmarks, it stalls the GPU pipeline).
     Returns:
-        features: ``[T, P, D]`` projector outputs of ``vision_feature_layer`` without [CLS]
-            (P = 576 at 336 px / patch 14; D = the LLM width).
+        vision_features: ``[T, 1 + P, C]`` ``hidden_states[vision_feature_layer]``, [CLS] first
+            (P = 576 at 336 px / patch 14; C = the tower width).
         signals: ``{request: value}``, e.g. ``[T, heads, 1 + P]`` for ``ClsAttention``.
     """
     config = model.config
@@ -126,7 +148,8 @@ def encode_tiles(
     deepest = vision_layers_run(config, probes)
 
     pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # [T, 1+P, C] = hidden_states[0]
+    interpolate = pixel_values.shape[-1] != config.vision_config.image_size
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values, interpolate_pos_encoding=interpolate))  # [T, 1+P, C]
     signals: dict[VisionSignal, torch.Tensor] = {}
     selected = hidden
     for index in range(deepest + 1):
@@ -138,5 +161,22 @@ def encode_tiles(
             selected = hidden
         if index < deepest:
             hidden = layers[index](hidden, attention_mask=None)
-    features = model.model.multi_modal_projector(selected[:, 1:])  # [T, P, D]
-    return features, signals
+    return selected, signals
+
+
+@torch.no_grad()
+def encode_tiles(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    requests: Iterable[VisionSignal] = (),
+    timings: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, dict[VisionSignal, torch.Tensor]]:
+    """Projected tile features and the requested vision signals (``encode_vision`` + projector).
+
+    Returns:
+        features: ``[T, P, D]`` projector outputs of ``vision_feature_layer`` without [CLS]
+            (D = the LLM width).
+        signals: as ``encode_vision``.
+    """
+    selected, signals = encode_vision(model, pixel_values, requests, timings)
+    return model.model.multi_modal_projector(selected[:, 1:]), signals  # [T, P, D]

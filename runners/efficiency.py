@@ -46,7 +46,7 @@ import logging
 import platform
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +64,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import runners.resolvers  # noqa: F401  (registers OmegaConf resolvers used in conf/hydra)
 import runners.schema  # noqa: F401  (registers the structured-config schemas)
-from compressors import Compressor, VisionInput, build_compressor, get_compressor_class
+from compressors import Compressor, build_compressor, get_compressor_class
 from models import LlavaNextPipeline, build_pipeline
 from models.cost import MEGA, TERA, CostConvention, CostModel, PrefillTokens, counted_flops
 from models.devices import DevicePreset, check_preset_name, resolve_preset
 from models.timing import DeviceClock, stopwatch
-from models.vision import encode_tiles
 from runners.report import console, write_csv
 from runners.store import flatten, write_json_atomic
 
@@ -130,11 +129,12 @@ def check_arguments(cfg: DictConfig) -> Plan:
     if len(cfg.image_hw) != 2 or min(cfg.image_hw) < 1:
         raise ValueError(f"image_hw must be [height, width] in pixels, got {list(cfg.image_hw)}")
     compressor_cfg = OmegaConf.to_container(cfg.compressor, resolve=True)
-    fixed = get_compressor_class(str(compressor_cfg.get("name"))).fixed_ratio
+    method = get_compressor_class(str(compressor_cfg.get("name")))
+    fixed = method.fixed_ratio
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     swept_fixed = in_sweep and fixed is not None and compressor_cfg.get("ratio") != fixed
-    if swept_fixed:  # none in a ratio sweep (experiment=ratio_sweep): its ratio is fixed
-        compressor_cfg["ratio"] = fixed
+    if in_sweep:  # none in a ratio sweep (experiment=ratio_sweep): its ratio is fixed; prumerge_plus: null
+        compressor_cfg["ratio"] = method.ratio_in_sweep(compressor_cfg.get("ratio"))
     compressor = build_compressor(compressor_cfg)
     convention = CostConvention(**OmegaConf.to_container(cfg.cost, resolve=True, enum_to_str=True))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
@@ -196,12 +196,9 @@ class MethodBench:
         # token accounting for the theory (and a first, untimed run)
         self.result = pipeline.generate(image, question, compressor, max_new_tokens=1)
         self.prepared = pipeline.prepare(image, question, compressor)
-        tiles = pipeline.processor_inputs(image, question)["pixel_values"][0, : self.prepared.layout.num_tiles]
-        self.tiles = tiles.to(device=device, dtype=model.dtype)
-        with torch.inference_mode():
-            features, signals = encode_tiles(model, self.tiles, compressor.vision_signals)
-        self.vision_input = VisionInput(features=features, layout=self.prepared.layout,
-                                        newline=model.model.image_newline, signals=signals)
+        view = pipeline.view(image, question, compressor)  # the tiles this method's vision tower sees
+        self.view = replace(view, tiles=view.tiles.to(device=device, dtype=model.dtype))
+        self.vision_input = pipeline.encode(self.view, compressor)
         self.generation_config = pipeline.generation_config(decode_tokens)
         self.generation_config.min_new_tokens = decode_tokens  # random weights may emit EOS early
         self.decode_marks = 0  # logits calls of the last decode run (one per generated token)
@@ -211,14 +208,14 @@ class MethodBench:
         }
 
     def vision(self) -> float:
-        """CLIP tower + projector with the compressor's signals (no synchronisation inside)."""
-        model, requests = self.pipeline.model, self.compressor.vision_signals
-        return self.clock.time(lambda: encode_tiles(model, self.tiles, requests))
+        """CLIP tower + projector with the compressor's signals (no synchronisation inside); methods
+        that project only their own output skip the projector here (``compress_s`` has it)."""
+        return self.clock.time(lambda: self.pipeline.encode(self.view, self.compressor))
 
     def signals(self) -> float:
         timings: dict[str, float] = {}
         if self.compressor.vision_signals:
-            encode_tiles(self.pipeline.model, self.tiles, self.compressor.vision_signals, timings=timings)
+            self.pipeline.encode(self.view, self.compressor, signal_timings=timings)
         return timings.get("signals_s", 0.0)
 
     def compress(self) -> float:
@@ -291,7 +288,7 @@ def theory(cost: CostModel, result) -> dict[str, float]:
     tokens = PrefillTokens.from_result(result)
     return {
         "prefill_tflops": cost.prefill(tokens)["total"] / TERA,
-        "vision_tflops": cost.vision_tower(result.layout.num_tiles)["total"] / TERA,
+        "vision_tflops": cost.vision_of(result)["total"] / TERA,
         "decode_tflops_per_token": cost.decode_step(tokens) / TERA,
         "kv_cache_mb": cost.kv_cache(tokens) / MEGA,
     }

@@ -79,8 +79,9 @@ class RunPlan:
 def resolve_settings(cfg: DictConfig | Mapping[str, Any], *, in_sweep: bool = False) -> dict[str, Any]:
     """The resolved config as plain containers; a ``???`` or a broken interpolation is refused by name.
 
-    In a sweep, a method with a fixed ratio (``none``) takes it whatever ratio the sweep gives,
-    so a ratio sweep runs it once per model x benchmark instead of failing.
+    In a sweep, a method with a fixed ratio (``none``) or an adaptive count (``prumerge_plus``: null)
+    takes it whatever ratio the sweep gives, so a ratio sweep runs it once per model x benchmark
+    instead of failing.
     """
     if isinstance(cfg, DictConfig):
         missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
@@ -94,10 +95,8 @@ def resolve_settings(cfg: DictConfig | Mapping[str, Any], *, in_sweep: bool = Fa
             raise ConfigError(str(error).strip().splitlines()[0] + where) from None
     settings = {k: v for k, v in dict(cfg).items() if k != "hydra"}
     compressor = dict(settings["compressor"])
-    if in_sweep:
-        fixed = get_compressor_class(str(compressor.get("name"))).fixed_ratio
-        if fixed is not None:
-            compressor["ratio"] = fixed
+    if in_sweep:  # none: its fixed ratio; prumerge_plus: null (adaptive)
+        compressor["ratio"] = get_compressor_class(str(compressor.get("name"))).ratio_in_sweep(compressor.get("ratio"))
     settings["compressor"] = compressor
     return settings
 
@@ -194,6 +193,8 @@ def sample_record(sample: Sample, result: GenerationResult, score: Mapping[str, 
             "token": result.provenance.token.tolist(),
             "source": result.provenance.source.tolist(),
         }
+        if result.provenance.weight is not None:  # merging methods: token = sum weight x source (see Provenance)
+            record["provenance"].update(weight=result.provenance.weight.tolist(), space=result.provenance.space)
     return record
 
 

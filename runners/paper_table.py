@@ -35,6 +35,7 @@ from runners.report import RunScan, compressor_label, format_percent, format_rat
 PAPER_ORDER = ("gqa", "mmbench", "mmbench_cn", "mme", "pope", "scienceqa_img", "vqav2", "textvqa", "vizwiz",
                "seed_bench")
 UPPER_BOUND = "Upper bound"
+ADAPTIVE = "Adaptive count"  # the group of methods that choose their own count (ratio null)
 GAP = "–"
 
 
@@ -47,11 +48,12 @@ def _name(value: Any) -> str | None:
         value = value.get("name")
     return None if value is None else str(value)
 
-
 def _group(name: str, ratio: Any) -> tuple[float, str]:
     """Sort key (upper bound first, then descending ratio) and label of a row's retention group."""
     if name == "none":
         return -math.inf, UPPER_BOUND
+    if ratio is None:  # an adaptive count (prumerge_plus): its own group, after every fixed ratio
+        return math.inf, ADAPTIVE
     try:
         ratio = float(ratio)
     except (TypeError, ValueError):

@@ -58,6 +58,7 @@ class TinyModelConfig:
     text_layers: int = 4
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
     prompt_format: PromptFormat = PromptFormat.vicuna_v1
+    image_size: Optional[int] = None  # resize every image to this square first (672: the papers' 2x2 grid)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class LocalModelConfig:
     random_init: bool = False  # build hub_id's architecture (models/configs/) with random weights, no checkpoint
     text_layers: Optional[int] = None  # random_init only: build this many decoder layers (None: all)
     seed: int = 0  # random_init only: the weights' seed
+    image_size: Optional[int] = None  # resize every image to this square first (672: the papers' 2x2 grid)
 
 
 @dataclass

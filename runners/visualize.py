@@ -112,6 +112,8 @@ def token_map(layout: AnyResLayout, provenance: Provenance) -> TokenMap:
     """Kept / merged / dropped / padding for every source token of ``layout``."""
     tiles, per_tile = layout.num_tiles, layout.tokens_per_tile
     source, token = provenance.source.cpu(), provenance.token.cpu()
+    patch = source < tiles * per_tile  # sources past the patches (VisionZip's [CLS] tokens) have no pixels
+    source, token = source[patch], token[patch]
     sources_per_token = torch.bincount(token, minlength=int(token.max()) + 1 if token.numel() else 0)  # [K]
     kept = torch.zeros(tiles * per_tile, dtype=torch.bool)
     kept[source] = True
@@ -142,10 +144,11 @@ def shade(pixels: np.ndarray, states: torch.Tensor, side: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def tile_pixels(pipeline, image, question: str, layout: AnyResLayout) -> np.ndarray:
-    """The tiles the vision tower saw, ``[T, 336, 336, 3]`` uint8 (the processor's output, un-normalised)."""
+def tile_pixels(pipeline, image, question: str, compressor: Compressor) -> np.ndarray:
+    """The tiles the vision tower saw, ``[T, s, s, 3]`` uint8 (the processor's output, un-normalised), after
+    the fixed-size resize and the compressor's image hook (``downsample``: smaller tiles)."""
     processor = pipeline.processor.image_processor
-    tiles = pipeline.processor_inputs(image, question)["pixel_values"][0, : layout.num_tiles].float()  # [T, 3, H, W]
+    tiles = pipeline.view(image, question, compressor).tiles.float()  # [T, 3, s, s]
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     return (((tiles * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)).numpy()
@@ -239,7 +242,7 @@ class Visualization:
     sample_id: str
     compressor: Compressor
     layout: AnyResLayout
-    pixels: np.ndarray  # [T, 336, 336, 3] the tiles as the model saw them
+    pixels: np.ndarray  # [T, s, s, 3] the tiles as the model saw them (336 px unless downsampled)
     provenance: Provenance  # what is drawn: the last decoder layer's tokens (or a run's stored provenance)
     tokens: TokenMap
     maps: list[ScoreMap]
@@ -264,7 +267,7 @@ def visualize_sample(pipeline, compressor: Compressor, sample, sample_seed: int,
     provenance = provenance if provenance is not None else result.provenance
     return Visualization(
         sample_id=sample.id, compressor=compressor, layout=layout,
-        pixels=tile_pixels(pipeline, sample.image, sample.question, layout), provenance=provenance,
+        pixels=tile_pixels(pipeline, sample.image, sample.question, compressor), provenance=provenance,
         tokens=token_map(layout, provenance),
         maps=score_maps(compressor, capture, layout),
         visual_tokens=(result.visual_tokens_after, result.visual_tokens_before),

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import compressors  # noqa: F401  (registers every compressor)
-from compressors import AnyResLayout, ClsAttention, Compressor, VisionInput
+from compressors import AnyResLayout, ClsAttention, Compressor, LayerKeys, VisionInput
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -46,15 +46,32 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
 
 def vision_input(layout: AnyResLayout, compressor: Compressor, dim: int = 16, seed: int = 0,
                  dtype: torch.dtype = torch.float32) -> VisionInput:
-    """Random features, newline and every signal ``compressor`` asks for."""
+    """Random features, newline and every signal ``compressor`` asks for, plus vision-tower features
+    (width 8, [CLS] first) and a random projector for methods that merge in CLIP space."""
     gen = torch.Generator().manual_seed(seed)
     features = torch.randn(layout.num_tiles, layout.tokens_per_tile, dim, generator=gen).to(dtype)
     signals = {}
     for request in compressor.vision_signals:
-        assert isinstance(request, ClsAttention)
-        signals[request] = torch.randn(layout.num_tiles, 4, 1 + layout.tokens_per_tile, generator=gen).to(dtype)
+        signals[request] = _fake_signal(request, layout, gen).to(dtype)
     newline = torch.randn(dim, generator=gen).to(dtype)
-    return VisionInput(features=features, layout=layout, newline=newline, signals=signals, sample_seed=seed)
+    vision_gen = torch.Generator().manual_seed(seed + 1)  # a second stream: the draws above stay as they were
+    vision = torch.randn(layout.num_tiles, 1 + layout.tokens_per_tile, 8, generator=vision_gen).to(dtype)
+    projector = torch.nn.Sequential(torch.nn.Linear(8, dim), torch.nn.GELU(), torch.nn.Linear(dim, dim))
+    with torch.no_grad():
+        for parameter in projector.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=vision_gen) * 0.3)
+    return VisionInput(features=features if compressor.uses_projected_features else None, layout=layout,
+                       newline=newline, signals=signals, sample_seed=seed, vision_features=vision,
+                       projector=projector.to(dtype))
+
+
+def _fake_signal(request, layout: AnyResLayout, gen: torch.Generator) -> torch.Tensor:
+    """A random value of the shape the pipeline gives ``request`` (4 heads; keys of width 4 x 2)."""
+    if isinstance(request, ClsAttention):
+        return torch.randn(layout.num_tiles, 4, 1 + layout.tokens_per_tile, generator=gen)
+    if isinstance(request, LayerKeys):
+        return torch.randn(layout.num_tiles, 1 + layout.tokens_per_tile, 4, 2, generator=gen)
+    raise AssertionError(f"no fake value for {request!r}: add one to tests/conftest.py")
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,16 @@ vanilla LLaVA-NeXT exactly for methods that claim so.
 
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from compressors import (
     AnyResLayout,
+    Budget,
     ClsAttention,
     Compressor,
     LLMInput,
@@ -55,22 +58,90 @@ def _budget_globalcom2(layout, ratio, inp):
     return globalcom2_definition_count(layout, scores, ratio)[0]
 
 
-# name -> documented segment length; LLM-stage methods leave the vision segment vanilla.
+def _per_view(ratio):
+    # VisionZip (D + C) and FasterVLM (T) keep T = floor(576 r + 0.5) tokens in every view, no newlines
+    return math.floor(576 * ratio + 0.5)
+
+
+def _budget_per_view(layout, ratio, inp):
+    return layout.num_tiles * _per_view(ratio)
+
+
+def _cls_probs(logits):
+    # the [CLS] query's softmax over all 1 + 576 keys, the [CLS] key dropped: [tiles, heads, 576]
+    return logits.double().softmax(-1)[:, :, 1:]
+
+
+def _budget_hired(layout, ratio, inp):
+    # HiRED (authors' rule): B = int(V 576 r); thumbnail min(int(B a), 576) by layer-22 scores; crops share
+    # B_sub = min(B - B_full, (V - 1) 576) by how many of the thumbnail's top int(576 (1 - a)) layer-0 tokens
+    # lie in each of n equal row bands (b_i = int(float32(c_i / sum c) * B_sub), the authors' float32 tensor
+    # arithmetic); each crop's top b_i, counted only inside LLaVA's unpadded box
+    alpha, views = 0.5, layout.num_tiles
+    importance = _cls_probs(inp.signals[ClsAttention(-2)]).sum(1)
+    content = _cls_probs(inp.signals[ClsAttention(0)]).sum(1)[0]
+    if ratio >= 1:  # the authors skip the selection: every unpadded token, no newline
+        return 576 + int(layout.tile_valid_mask("llava")[1:].sum())
+    total = int(views * 576 * ratio)
+    full = min(int(total * alpha), 576)
+    sub = min(total - full, (views - 1) * 576)
+    top = set(np.argsort(-content.numpy(), kind="stable")[: int(576 * (1 - alpha))].tolist())
+    band = 576 // layout.num_crops
+    shares = [sum(1 for t in top if t // band == c) for c in range(layout.num_crops)]
+    valid = layout.tile_valid_mask("llava")
+    kept = full
+    for c, share in enumerate(shares):
+        fraction = np.float32(share) / np.float32(sum(shares))
+        budget = min(int(fraction * np.float32(sub)), 576) if sub > 0 else 0
+        chosen = np.argsort(-importance[c + 1].numpy(), kind="stable")[:budget]
+        kept += int(valid[c + 1][torch.as_tensor(chosen, dtype=torch.long)].sum())
+    return kept
+
+
+def _budget_prumerge_plus(layout, ratio, inp):
+    # PruMerge+ per view: one-head [CLS] attention of the last layer (q . k / sqrt(heads d) = sum of the per-head
+    # logits / sqrt(heads)); f = share above Q3 + 1.5 IQR; top int(576 f) + the stride-int(int(1/f)/3) samples
+    # of range(0, 575) not already kept + 1 extra token
+    logits = inp.signals[ClsAttention(-1)].double()
+    total = 0
+    for view in logits:
+        attention = (view.sum(0) / math.sqrt(view.shape[0])).softmax(-1)[1:].float().numpy()
+        q1, q3 = np.percentile(attention, 25), np.percentile(attention, 75)
+        share = int((attention > q3 + 1.5 * (q3 - q1)).sum()) / 576
+        top = set(np.argsort(-attention, kind="stable")[: int(576 * share)].tolist())
+        stride = int(int(1 / share) / 3) if share else 576
+        total += len(top) + len(set(range(0, 575, stride)) - top) + 1
+    return total
+
+
+# name -> documented segment length; LLM-stage methods leave the vision segment vanilla, and so does
+# downsample, whose reduction happens on the image (tests/test_downsample.py counts it).
 BUDGETS = {
     "none": _budget_none,
     "random": _budget_random,
     "pooling": _budget_pooling,
     "fastv": _budget_none,
     "globalcom2": _budget_globalcom2,
+    "hired": _budget_hired,
+    "fastervlm": _budget_per_view,
+    "visionzip": _budget_per_view,
+    "prumerge_plus": _budget_prumerge_plus,
+    "downsample": _budget_none,
 }
 
 
-def _build(name: str, ratio: float) -> Compressor:
+def _build(name: str, ratio: float | None) -> Compressor:
     return build_compressor({"name": name, "ratio": ratio})
 
 
-def _valid_ratios(name: str) -> list[float]:
+def _valid_ratios(name: str) -> list[float | None]:
+    if get_compressor_class(name).adaptive_budget:
+        return [None]
     return [1.0] if name == "none" else RATIOS
+
+
+def _full_ratio(name: str) -> float | None:
+    return None if get_compressor_class(name).adaptive_budget else 1.0
 
 
 def test_every_compressor_documents_its_budget():
@@ -83,25 +154,36 @@ def test_every_compressor_documents_its_budget():
 def test_vision_output_properties(name, layout):
     for ratio in _valid_ratios(name):
         compressor = _build(name, ratio)
-        inp = vision_input(layout, compressor, seed=int(ratio * 100))
+        inp = vision_input(layout, compressor, seed=int((ratio or 0) * 100))
         out = compressor.compress_vision(inp)
         num_tokens, dim = out.embeds.shape
         assert num_tokens == BUDGETS[name](layout, ratio, inp), (name, ratio)
-        assert dim == inp.features.shape[-1] and out.embeds.dtype == inp.features.dtype
+        assert dim == inp.newline.shape[-1] and out.embeds.dtype == inp.newline.dtype
 
-        token, source = out.provenance.token, out.provenance.source
+        provenance = out.provenance
+        token, source = provenance.token, provenance.source
+        patches = layout.num_tiles * layout.tokens_per_tile
         assert token.numel() == source.numel()
         assert ((token >= 0) & (token < num_tokens)).all()
-        assert ((source >= 0) & (source < layout.num_tiles * layout.tokens_per_tile)).all()
-        pairs = token * layout.num_tiles * layout.tokens_per_tile + source
+        assert ((source >= 0) & (source < patches + (layout.num_tiles if provenance.space == "vision" else 0))).all()
+        pairs = token * (patches + layout.num_tiles) + source
         assert pairs.unique().numel() == pairs.numel(), "duplicate (token, source) pairs"
 
-        # Provenance must explain every embedding: the mean of its sources, or the newline.
-        flat = inp.features.reshape(-1, dim).double()
-        sums = torch.zeros(num_tokens, dim, dtype=torch.float64).index_add_(0, token, flat[source])
+        # Provenance must explain every embedding: sum of weight x source (the mean of its sources without
+        # weights), taken over the projected features or, for CLIP-space mergers, over the vision tower's
+        # tokens and then projected; tokens without a source are the newline.
         counts = torch.bincount(token, minlength=num_tokens)
+        weight = provenance.weight.double() if provenance.weight is not None else 1.0 / counts[token].double()
+        if provenance.space == "vision":
+            table = inp.vision_tokens_by_source().double()
+        else:
+            table = inp.features.reshape(-1, dim).double()
+        sums = torch.zeros(num_tokens, table.shape[-1], dtype=torch.float64).index_add_(
+            0, token, table[source] * weight[:, None])
         has_source = counts > 0
-        expected = sums[has_source] / counts[has_source, None]
+        expected = sums[has_source]
+        if provenance.space == "vision":
+            expected = copy.deepcopy(inp.projector).double()(expected)
         assert torch.allclose(out.embeds[has_source].double(), expected, atol=1e-5), (name, ratio)
         newline_rows = out.embeds[~has_source]
         assert torch.equal(newline_rows, inp.newline.expand_as(newline_rows))
@@ -116,11 +198,14 @@ def test_full_ratio_identity_claims_are_true(name):
     cls = get_compressor_class(name)
     outcomes = []
     for layout in PROPERTY_LAYOUTS:
-        compressor = _build(name, 1.0)
+        compressor = _build(name, _full_ratio(name))
         inp = vision_input(layout, compressor)
         out = compressor.compress_vision(inp)
-        vanilla = pack_spatial(inp.features, layout, inp.newline)
+        features = inp.features if inp.features is not None else inp.projector(inp.vision_features[:, 1:])
+        vanilla = pack_spatial(features, layout, inp.newline)
         outcomes.append(out.embeds.shape == vanilla.embeds.shape and torch.equal(out.embeds, vanilla.embeds))
+        if not outcomes[-1] and not cls.identity_at_full_ratio:
+            break  # one layout where it is not the identity settles the claim
     if cls.identity_at_full_ratio:
         assert all(outcomes)
     else:
@@ -130,8 +215,37 @@ def test_full_ratio_identity_claims_are_true(name):
 @pytest.mark.parametrize("name", list_compressors())
 @pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, float("nan"), "0.5", True, None])
 def test_bad_ratio_is_rejected(name, bad):
+    if bad is None and get_compressor_class(name).adaptive_budget:
+        assert _build(name, None).ratio is None  # adaptive methods take no ratio
+        return
     with pytest.raises(ValueError, match=r"compressor.ratio"):
         _build(name, bad)
+
+
+def test_adaptive_methods_refuse_every_ratio():
+    adaptive = [n for n in list_compressors() if get_compressor_class(n).adaptive_budget]
+    assert adaptive == ["prumerge_plus"]
+    for ratio in (1.0, 0.5, 0.25):
+        with pytest.raises(ValueError, match=r"compressor.ratio must be null for prumerge_plus"):
+            _build("prumerge_plus", ratio)
+
+
+@pytest.mark.parametrize("name", list_compressors())
+def test_declared_budgets_refuse_other_conventions(name):
+    compressor = build_compressor({"name": name})
+    if compressor.budget is None:
+        return  # this method does not declare its budget convention
+    declared = compressor.budget.as_dict()
+    assert compressor.describe()["budget"] == declared
+    assert build_compressor({"name": name, "budget": declared}).budget == compressor.budget
+    other = {**declared, "scope": "global" if declared["scope"] == "per_view" else "per_view"}
+    with pytest.raises(ValueError, match=r"compressor.budget .* is not supported by this method; allowed: "):
+        build_compressor({"name": name, "budget": other})
+    with pytest.raises(ValueError, match=r"compressor.budget.scope must be one of per_view, global; got 'tile'"):
+        build_compressor({"name": name, "budget": {**declared, "scope": "tile"}})
+    with pytest.raises(ValueError, match=r"compressor.budget must be a mapping with keys scope, count_newlines"):
+        build_compressor({"name": name, "budget": {"scope": declared["scope"]}})
+    assert Budget.parse(None, (compressor.budget,)) == compressor.budget
 
 
 def test_none_rejects_partial_ratio():

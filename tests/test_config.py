@@ -105,8 +105,8 @@ def test_every_experiment_job_composes_and_builds(compose_cfg, experiment):
             if key == "compressor":
                 assert described["name"] == value
             elif key == "compressor.ratio":
-                fixed = get_compressor_class(described["name"]).fixed_ratio  # none: 1 at every swept ratio
-                assert described["ratio"] == (float(value) if fixed is None else fixed)
+                method = get_compressor_class(described["name"])  # none: 1 at every swept ratio; prumerge_plus: null
+                assert described["ratio"] == (None if method.adaptive_budget else method.fixed_ratio or float(value))
         bench = build_benchmark(benchmark)
         assert all(bench.name == o.split("=")[1] for o in job if o.startswith("benchmark="))
         built += 1

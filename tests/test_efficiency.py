@@ -179,6 +179,18 @@ def test_gpu_script_jobs_all_pass_the_checks(compose_efficiency):
         assert plan.model["random_init"] and plan.model["dtype"] == "float16" and plan.model["attn_implementation"] == "sdpa"
 
 
+def test_an_adaptive_count_is_measured_at_a_null_ratio_in_a_sweep(compose_efficiency):
+    """prumerge_plus in a ratio sweep: measured (not skipped) with its ratio null, not refused."""
+    cfg = compose_efficiency(["compressor=prumerge_plus", "compressor.ratio=0.25"], return_hydra_config=True)
+    cfg.hydra.mode = "MULTIRUN"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        plan = check_arguments(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert plan.skip is None and plan.compressor.name == "prumerge_plus" and plan.compressor.ratio is None
+
+
 # -- random-init architectures --------------------------------------------------------------------
 
 

@@ -61,6 +61,11 @@ def test_the_uncompressed_run_takes_its_fixed_ratio_in_a_sweep(directory):
     assert directory("compressor=none", in_sweep=True) == "none,ratio=1"
 
 
+def test_an_adaptive_count_runs_once_in_a_ratio_sweep(directory):
+    assert directory("compressor=prumerge_plus", "compressor.ratio=0.25", in_sweep=True) == "prumerge_plus,ratio=null"
+    assert directory("compressor=prumerge_plus", "compressor.ratio=0.1", in_sweep=True) == "prumerge_plus,ratio=null"
+
+
 def test_canonical_numbers():
     assert [canonical(v) for v in (0.5, 0.50, 1, 1.0, 0.1, 1e-5, True, None, [1, 2])] == [
         "0.5", "0.5", "1", "1", "0.1", "1e-05", "true", "null", "[1,2]"]

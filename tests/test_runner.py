@@ -33,8 +33,9 @@ from runners.report import render_table, summary_row
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = {"vision_s", "compress_s", "prefill_s", "decode_s"}
 TINY = {"name": "tiny", "loader": "tiny", "seed": 0, "vision_layers": 3, "text_layers": 4,
-        "attn_implementation": "sdpa", "prompt_format": "vicuna_v1"}
+        "attn_implementation": "sdpa", "prompt_format": "vicuna_v1", "image_size": None}
 RUNS = "runs/tiny/synthetic"
+COMPRESSOR_OPTIONS = ", ".join(sorted(p.stem for p in (ROOT / "conf/compressor").glob("*.yaml")))
 
 
 @pytest.fixture()
@@ -237,7 +238,7 @@ def test_a_sweep_is_checked_before_its_first_job_runs(cli, tmp_path):
     lines = err.splitlines()
     assert lines[0] == "error: 4 of 6 jobs of the sweep are invalid; nothing was run:" and len(lines) == 5
     assert sum("compressor.ratio=1.5: compressor.ratio must be in (0, 1]" in line for line in lines) == 2
-    assert sum("Could not find 'compressor/globalcom3' (available: fastv, globalcom2, none, pooling, random)"
+    assert sum(f"Could not find 'compressor/globalcom3' (available: {COMPRESSOR_OPTIONS})"
                in line for line in lines) == 2
     code, out, err = cli("-m", "compressor=fastv", "compressor.layer=1,2,9", f"run_dir={tmp_path / 'one'}")
     assert code == 2 and err.startswith("error: 2 of 3 jobs of the sweep are invalid")
