@@ -371,4 +371,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # a multirun whose jobs ran in other processes, one of them failed: its table all the same
+        from runners.callbacks import print_pending_tables
+
+        print_pending_tables()
