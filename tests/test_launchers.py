@@ -70,16 +70,17 @@ def test_joblib_runs_jobs_in_two_processes_resuming_each_run_and_skipping_finish
 
 @pytest.mark.slow
 def test_submitit_local_runs_each_job_as_a_submitit_job(cli, tmp_path):
-    code, out, err = cli("-m", "hydra/launcher=submitit_local", "compressor=none,random", *ARGS)
+    # one job keeps the test short (a job is a fresh Python process); joblib's test runs two at once
+    code, out, err = cli("-m", "hydra/launcher=submitit_local", "compressor=random", *ARGS)
     assert code == 0, err
-    assert "multirun: 2 runs" in out
+    assert out.count("multirun: 1 runs") == 1  # by this process (the job's own process logs to submitit's file)
     (table,) = sweep_tables(tmp_path)
-    assert sorted(pd.read_csv(table)["compressor"]) == ["none", "random"]
-    logs = sorted(p.name for p in table.parent.glob(".submitit/*/*_log.out"))
-    assert len(logs) == 2  # two submitit jobs, each with its log
-    for run in ("none,ratio=1", "random,ratio=0.25"):
-        summary = tmp_path / RUNS / f"{run},benchmark.max_new_tokens=2" / "summary.json"
-        assert json.loads(summary.read_text())["num_samples"] == 2
+    assert list(pd.read_csv(table)["status"]) == ["ok"]
+    (log,) = table.parent.glob(".submitit/*/*_log.out")  # a submitit job, with its log
+    assert "1 samples" not in log.read_text() and "2 samples, 0 already done" in log.read_text()
+    summary = tmp_path / RUNS / "random,ratio=0.25,benchmark.max_new_tokens=2" / "summary.json"
+    assert json.loads(summary.read_text())["num_samples"] == 2
+    assert cli.builds == []  # the model was loaded in the job's process, not here
 
 
 def test_a_table_left_unprinted_by_a_failed_job_in_another_process_is_printed_on_exit(tmp_path, capsys):
