@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from runners.report import IncompleteRun, inspect_run
 from runners.parallel import ProcessGroup, process_model_settings
 from runners.store import RunLockedError, RunMismatchError, RunStore, shard_files
 from test_runner import cli, read_records, summary_without_timings, without_timings  # noqa: F401  (cli: a fixture)
@@ -59,6 +60,7 @@ def test_shards_keyed_by_id_merge_to_the_single_process_file_whatever_the_proces
         store._close_handle()
         store._lock and store._lock.release()
     assert [p.name for p in shard_files(run)] == ["rank0.jsonl", "rank1.jsonl"]
+    assert "no summary.json, 3 sample records and a torn last line" in inspect_run(run).reason  # runners.report
 
     stores = launch(run, 3, token="launch-b")  # rerun with three processes: the shards merged first
     assert shard_files(run) == [run / "shards" / f"rank{r}.jsonl" for r in range(3)]  # this launch's, empty
@@ -70,8 +72,12 @@ def test_shards_keyed_by_id_merge_to_the_single_process_file_whatever_the_proces
             store.append(record(sample_id))
     for store in stores[1:]:
         store.close()
+    (run / "summary.json").write_text(json.dumps({"compressor": "random", "metrics": {}}))  # an earlier, shorter run's
+    gap = inspect_run(run)
+    assert isinstance(gap, IncompleteRun) and "6 records, some in shard files not merged yet" in gap.reason
     stores[0].finalise()
     stores[0].close()
+    assert not isinstance(inspect_run(run), IncompleteRun)
     assert (run / "samples.jsonl").read_bytes() == expected
     assert not (run / "shards").exists()
     assert oct((run / "samples.jsonl").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
