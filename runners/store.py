@@ -392,7 +392,7 @@ class RunStore:
         """Append this process's records to ``shards/rank<rank>.jsonl``, holding its ``flock``."""
         self._write_path = shard_path(self.directory, rank)
         self._write_path.parent.mkdir(exist_ok=True)
-        self._handle = open(self._write_path, "w", encoding="utf-8")  # left over ones were merged at open
+        self._handle = open(self._write_path, "a", encoding="utf-8")  # new: left over ones were merged at open
         try:
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -422,10 +422,9 @@ class RunStore:
 
     def _rewrite_samples(self) -> None:
         """Rewrite ``samples.jsonl`` atomically: the ids of ``order`` first, in that order, then the rest."""
-        known = set(self._records)
-        ordered = [i for i in dict.fromkeys(self.order) if i in known]
-        rest = [i for i in self._records if i not in set(ordered)]
-        self._records = {i: self._records[i] for i in ordered + rest}
+        ordered = [i for i in dict.fromkeys(self.order) if i in self._records]
+        placed = set(ordered)
+        self._records = {i: self._records[i] for i in ordered + [i for i in self._records if i not in placed]}
         write_lines_atomic(self.samples_path,
                            (json.dumps(record, ensure_ascii=False) + "\n" for record in self._records.values()))
 
@@ -438,10 +437,11 @@ class RunStore:
             self._close_handle()
             self._write_path = self.samples_path
             self._merge_shards()
-        elif self.order and [i for i in self._records if i in set(self.order)] != [
-                i for i in dict.fromkeys(self.order) if i in self._records]:
-            self._close_handle()
-            self._rewrite_samples()
+        elif self.order:
+            wanted = set(self.order)
+            if [i for i in self._records if i in wanted] != [i for i in dict.fromkeys(self.order) if i in self._records]:
+                self._close_handle()
+                self._rewrite_samples()
 
     def _write_run_file(self) -> None:
         write_json_atomic(self.directory / RUN_FILE, {"identity": self.identity, "launches": self._launches})
