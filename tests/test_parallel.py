@@ -203,7 +203,7 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_processes_killed_and_rerun_with_other_counts(cli, one_thread, tmp_path):  # noqa: F811
+def test_accelerate_launch_two_processes_one_killed_then_rerun_with_one(cli, one_thread, tmp_path):  # noqa: F811
     args = ("compressor=random", "benchmark.max_new_tokens=2", "num_threads=1")  # one thread per process, here too
     reference, run = tmp_path / "reference", tmp_path / "run"
 
@@ -219,8 +219,7 @@ def test_accelerate_launch_two_processes_killed_and_rerun_with_other_counts(cli,
     left = sum(path.read_text().count("\n") for path in shard_files(run))
     assert 1 <= left < 4, output
 
-    # one process resumes it; then two processes extend it by one sample (rank 1 has none): each time the
-    # files equal those of one uninterrupted process
+    # one process resumes it: the files equal those of one uninterrupted process
     args = args[:-1]  # cli sets paths.output_dir itself
     assert cli(*args, "benchmark.limit=4", f"run_dir={reference}")[0] == 0
     code, out, err = cli(*args, "benchmark.limit=4", f"run_dir={run}")
@@ -228,16 +227,6 @@ def test_accelerate_launch_two_processes_killed_and_rerun_with_other_counts(cli,
     assert without_timings(read_records(run / "samples.jsonl")) == without_timings(
         read_records(reference / "samples.jsonl"))
     assert summary_without_timings(run / "summary.json") == summary_without_timings(reference / "summary.json")
-
-    process = accelerate_launch(*args, f"paths.output_dir={tmp_path}", "benchmark.limit=5", f"run_dir={run}",
-                                cwd=tmp_path)
-    output = process.communicate(timeout=240)[0]
-    assert process.returncode == 0, output
-    assert "4 already done" in output and "(process 1 of 2: 0)" in output
-    assert cli(*args, "benchmark.limit=5", f"run_dir={reference}")[0] == 0
-    assert without_timings(read_records(run / "samples.jsonl")) == without_timings(
-        read_records(reference / "samples.jsonl"))
-    assert summary_without_timings(run / "summary.json") == summary_without_timings(reference / "summary.json")
     launches = json.loads((run / "run.json").read_text())["launches"]
-    assert [entry.get("processes") for entry in launches] == [2, None, 2]
+    assert [entry.get("processes") for entry in launches] == [2, None]
     assert not (run / "shards").exists()
