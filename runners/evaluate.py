@@ -274,7 +274,8 @@ def evaluate(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path | None = N
     if settings.get("num_threads"):
         torch.set_num_threads(int(settings["num_threads"]))
 
-    with open_run_store(directory, plan.identity, resume=settings["resume"], group=group, order=ids) as store, \
+    with open_run_store(directory, plan.identity, resume=settings["resume"], group=group, order=ids,
+                        wait=in_sweep) as store, \
             run_log(directory):
         if group.is_main:
             save_hydra_files(directory, cfg)

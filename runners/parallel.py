@@ -28,7 +28,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runners.store import CorruptRunError, RunLockedError, RunMismatchError, RunStore, RunStoreError, launch_token
+from runners.store import (
+    CorruptRunError,
+    RunLock,
+    RunLockedError,
+    RunMismatchError,
+    RunStore,
+    RunStoreError,
+    launch_token,
+)
 from vtclab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,16 +108,28 @@ class ProcessGroup:
 
 
 def open_run_store(directory: Path, identity: Mapping[str, Any], *, resume: bool, group: ProcessGroup,
-                   order: Sequence[str]) -> RunStore:
+                   order: Sequence[str], wait: bool = False) -> RunStore:
     """The run's store, opened by every process of a launch as one run.
 
     The main process opens it as a single-process run would (lock, identity, leftover shards merged
     into ``samples.jsonl``), under a token unique to this launch, then sends the outcome: the
     others join under that token, or raise the same refusal, so no process waits for a partner
     that has given up. After this returns, every process has read which samples are done.
+
+    ``wait``: a run directory in use is waited for instead of refused. A sweep's jobs ask for it:
+    under a parallel launcher two jobs that are one run (``none`` at every ratio of a ratio sweep)
+    can start together, and the second then finds the first one's results when it gets the lock.
     """
     if not group.distributed:
-        return RunStore(directory, identity, resume=resume, order=order)
+        while True:
+            try:
+                return RunStore(directory, identity, resume=resume, order=order)
+            except RunLockedError as error:
+                if not wait:
+                    raise
+                log.info("waiting for the run directory: %s", error)
+                if not RunLock(directory, "").wait():  # not the run lock (a shard still written): no waiting
+                    raise
     outcome: tuple[str, str]
     store = None
     if group.is_main:
@@ -161,7 +181,7 @@ def process_model_settings(model: Mapping[str, Any], group: ProcessGroup, gpus: 
         raise ConfigError(f"{group.local_world_size} processes on {socket.gethostname()} but {gpus} GPUs: launch at "
                           f"most one process per GPU (accelerate launch --num_processes {gpus})")
     mine = list(range(group.local_rank * per_process, (group.local_rank + 1) * per_process))
-    if per_process == 1:
+    if per_process == 1 or settings.get("random_init"):  # a random-init model is built on one device
         settings["device_map"] = f"cuda:{mine[0]}"
     else:
         settings["device_map"] = "auto"

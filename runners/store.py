@@ -203,6 +203,22 @@ class RunLock:
         self._fd = fd
         return self
 
+    def wait(self) -> bool:
+        """Block until no process holds the lock; False at once if none held it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # returns when the holder closes it or dies
+                return True
+        finally:
+            os.close(fd)
+
     def holder(self) -> dict[str, Any] | None:
         """What the holder announced (token, pid, host, since), or None."""
         try:

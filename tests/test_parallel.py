@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from runners.report import IncompleteRun, inspect_run
-from runners.parallel import ProcessGroup, process_model_settings
+from runners.parallel import ProcessGroup, open_run_store, process_model_settings
 from runners.store import RunLockedError, RunMismatchError, RunStore, shard_files
 from test_runner import cli, read_records, summary_without_timings, without_timings  # noqa: F401  (cli: a fixture)
 from vtclab.errors import ConfigError
@@ -124,6 +125,26 @@ def test_the_processes_of_one_launch_are_one_run_and_any_other_run_is_refused(tm
         assert store.completed_ids() == {"s0"}
 
 
+def test_a_sweep_job_waits_for_another_job_of_the_same_run(tmp_path):
+    first = RunStore(tmp_path, IDENTITY, order=IDS)
+    first.append(record("s3"))
+    with pytest.raises(RunLockedError):  # a single run is refused
+        open_run_store(tmp_path, IDENTITY, resume=True, group=ProcessGroup(), order=IDS)
+    release = threading.Timer(0.3, first.close)
+    release.start()
+    with open_run_store(tmp_path, IDENTITY, resume=True, group=ProcessGroup(), order=IDS, wait=True) as second:
+        assert second.completed_ids() == {"s3"}  # it waited for the first and finds its results
+    release.join()
+
+
+def test_a_sweep_inside_a_data_parallel_launch_is_refused(cli, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, out, err = cli("-m", "compressor=random,pooling")
+    assert code == 2 and err.startswith("error: a data-parallel launch (accelerate launch, torchrun) evaluates one run")
+    assert list(tmp_path.iterdir()) == [tmp_path / "cwd"]
+
+
 def test_shards_of_other_settings_are_refused_not_merged(tmp_path):
     main, member = launch(tmp_path, 2, token="t")
     member.append(record("s0"))
@@ -152,6 +173,7 @@ def test_each_process_loads_its_model_on_its_own_gpus(monkeypatch):
     split = process_model_settings(local, rank(1, 4), gpus=8)  # two GPUs per process for a big model
     assert split["device_map"] == "auto" and split["max_memory"] == {2: 80 * 2**30 + 2, 3: 80 * 2**30 + 3}
     assert process_model_settings(local, rank(1, 2), gpus=0)["device_map"] == "cpu"
+    assert process_model_settings({**local, "random_init": True}, rank(1, 4), gpus=8)["device_map"] == "cuda:2"
     with pytest.raises(ConfigError, match="4 processes on .* but 2 GPUs"):
         process_model_settings(local, rank(0, 4), gpus=2)
     with pytest.raises(ConfigError, match="use model.device_map=auto"):
