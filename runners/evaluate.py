@@ -372,9 +372,12 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:  # a multirun whose jobs ran in other processes, one of them failed: its table all the same
-        from runners.callbacks import print_pending_tables
+    # The task function as ``runners.evaluate.main``, not ``__main__.main``: launchers that run jobs in
+    # other processes (joblib, submitit) pickle it, and a function of ``__main__`` does not pickle by name.
+    from runners.callbacks import print_pending_tables
+    from runners.evaluate import main as entry_point
 
+    try:
+        entry_point()
+    finally:  # a multirun whose jobs ran in other processes, one of them failed: its table all the same
         print_pending_tables()

@@ -124,10 +124,11 @@ def open_run_store(directory: Path, identity: Mapping[str, Any], *, resume: bool
         while True:
             try:
                 return RunStore(directory, identity, resume=resume, order=order)
-            except RunLockedError as error:
+            except RunLockedError:
                 if not wait:
                     raise
-                log.info("waiting for the run directory: %s", error)
+                log.info("%s is in use by another process (in a sweep: another job of the same run); waiting for "
+                         "it to end", directory)
                 if not RunLock(directory, "").wait():  # not the run lock (a shard still written): no waiting
                     raise
     outcome: tuple[str, str]

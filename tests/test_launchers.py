@@ -7,18 +7,33 @@ in worker processes, as they would on a cluster.
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from hydra.errors import ConfigCompositionException
 
+import test_runner
 from runners.callbacks import PENDING, ResultsTable, print_pending_tables
 from test_runner import RUNS, cli, sweep_tables  # noqa: F401  (cli: a fixture)
 
 ARGS = ("benchmark.limit=2", "benchmark.max_new_tokens=2")
 # pytest resets warning filters per test; runners.schema says why this deprecation warning is expected
-pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning"),
+              pytest.mark.filterwarnings("ignore:'runners.evaluate' found in sys.modules:RuntimeWarning")]  # runpy
+
+
+def as_python_m() -> None:
+    """What ``python -m runners.evaluate`` runs (its ``__main__`` block). The launchers pickle the task
+    function, which must then be importable by name (``runners.evaluate.main``)."""
+    runpy.run_module("runners.evaluate", run_name="__main__", alter_sys=True)
+
+
+@pytest.fixture()
+def as_script(monkeypatch):
+    """``cli`` runs the module as ``python -m`` does rather than calling ``main()``."""
+    monkeypatch.setattr(test_runner, "main", as_python_m)
 
 
 def test_launcher_configs_carry_vtclab_values_and_are_type_checked(compose_cfg):
@@ -55,6 +70,7 @@ def test_joblib_runs_jobs_in_two_processes_resuming_each_run_and_skipping_finish
     finished_files = {name: (finished / name).read_bytes() for name in ("samples.jsonl", "run.json")}
     first_record = (cut / "samples.jsonl").read_text()
 
+    monkeypatch.setattr(test_runner, "main", as_python_m)
     code, out, err = cli("-m", "hydra/launcher=joblib", "compressor=random,pooling", *ARGS)
     assert code == 0, err
     assert "multirun: 2 runs" in out  # printed by this process, though the jobs ran in the workers
@@ -69,7 +85,7 @@ def test_joblib_runs_jobs_in_two_processes_resuming_each_run_and_skipping_finish
 
 
 @pytest.mark.slow
-def test_submitit_local_runs_each_job_as_a_submitit_job(cli, tmp_path):
+def test_submitit_local_runs_each_job_as_a_submitit_job(cli, as_script, tmp_path):
     # one job keeps the test short (a job is a fresh Python process); joblib's test runs two at once
     code, out, err = cli("-m", "hydra/launcher=submitit_local", "compressor=random", *ARGS)
     assert code == 0, err
