@@ -131,27 +131,23 @@ def open_run_store(directory: Path, identity: Mapping[str, Any], *, resume: bool
                          "it to end", directory)
                 if not RunLock(directory, "").wait():  # not the run lock (a shard still written): no waiting
                     raise
-    outcome: tuple[str, str]
-    store = None
     if group.is_main:
         token = f"{launch_token()}#{uuid.uuid4().hex[:12]}"
         try:
             store = RunStore(directory, identity, resume=resume, order=order, token=token, rank=0)
-            outcome = ("ok", token)
         except RunStoreError as error:
-            outcome = (type(error).__name__, str(error))
+            group.broadcast((type(error).__name__, str(error)))
+            raise
         except BaseException as error:  # noqa: BLE001  (tell the others, then fail as this process would)
             group.broadcast(("RunStoreError", f"the main process failed to open {directory}: {error!r}"))
             raise
-        group.broadcast(outcome)
-        if store is None:
-            raise REFUSALS[outcome[0]](outcome[1])
+        group.broadcast(("ok", token))
     else:
         kind, message = group.broadcast(("", ""))
         if kind != "ok":
             raise REFUSALS.get(kind, RunStoreError)(message)
         store = RunStore.join(directory, identity, token=message, rank=group.rank)
-    group.barrier()  # every process has read the done set before any shard grows
+    group.barrier()  # every process has joined before any computes
     return store
 
 
