@@ -46,6 +46,7 @@ def build_pipeline(cfg: Mapping[str, Any]) -> LlavaNextPipeline:
         model, processor = load_llava_next(
             path=cfg["path"], hub_id=cfg["hub_id"], dtype=cfg.get("dtype", "float16"),
             device_map=cfg.get("device_map", "auto"), attn_implementation=cfg.get("attn_implementation", "sdpa"),
+            max_memory=cfg.get("max_memory"),  # a data-parallel process's own GPUs (runners.parallel)
         )
     else:
         raise ValueError(f"unknown model.loader {loader!r}; allowed: {', '.join(LOADERS)}")

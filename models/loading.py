@@ -147,8 +147,10 @@ def load_llava_next(
     dtype: str = "float16",
     device_map: str | dict | None = "auto",
     attn_implementation: str = "sdpa",
+    max_memory: dict | None = None,
 ):
-    """Model (eval mode) and processor from a local llava-hf directory.
+    """Model (eval mode) and processor from a local llava-hf directory (``max_memory``: the devices
+    ``device_map=auto`` may use, as accelerate takes it).
 
     The processor's image side is transformers' PIL implementation (as the original LLaVA, which
     resizes with PIL), whichever backend is installed.
@@ -160,7 +162,7 @@ def load_llava_next(
     path = Path(path).expanduser()
     model, info = LlavaNextForConditionalGeneration.from_pretrained(
         path, dtype=resolve_dtype(dtype), device_map=device_map, attn_implementation=attn_implementation,
-        local_files_only=True, output_loading_info=True,
+        local_files_only=True, output_loading_info=True, **({"max_memory": max_memory} if max_memory else {}),
     )
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if bad:

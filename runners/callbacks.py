@@ -8,6 +8,12 @@
   before ``on_multirun_end`` when a job failed), then the paper table and figures of the sweep's
   runs (``runners.report``; a failed run is a gap with its reason) into the sweep's ``report/``.
   ``runners.report`` builds the union of any runs.
+
+With a launcher that runs jobs in other processes (``hydra/launcher=joblib``, ``submitit_local``,
+``submitit_slurm``), ``on_job_end`` runs in the job's process: it saves the job's outcome to the
+sweep directory, and the table is printed by the process that launched the sweep, at
+``on_multirun_end``, or, when a job failed (Hydra then raises instead of calling it), by
+``print_pending_tables`` as ``runners.evaluate`` exits.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runners.errors import reported_errors
+from runners.errors import UsageError, reported_errors
 from runners.report import console, print_study, render_table, scan_runs, summary_row, write_csv, write_report
 from runners.store import write_json_atomic
 
@@ -39,6 +45,10 @@ class SweepCheck(Callback):
 
         # Hydra turns a callback's exception into a warning, so a refusal exits from here.
         with reported_errors(verbose=bool(config.hydra.verbose)):
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UsageError("a data-parallel launch (accelerate launch, torchrun) evaluates one run; run the "
+                                 "jobs of a sweep with a launcher (hydra/launcher=submitit_slurm, submitit_local, "
+                                 "joblib), each job with its own GPU")
             check_sweep(config)
 
 
@@ -81,12 +91,15 @@ class ResultsTable(Callback):
         self.expected = 0
         self.finished = 0
         self.printed = False
+        self.launcher_pid: int | None = None  # the process that launched the sweep prints its table
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from runners.sweep import expand_sweep
 
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.expected = len(expand_sweep(config))
+        self.launcher_pid = os.getpid()
+        PENDING.append(self)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:  # Hydra calls it for a single run too
@@ -103,7 +116,7 @@ class ResultsTable(Callback):
         write_json_atomic(jobs_dir / f"{int(config.hydra.job.num):05d}.json", entry)
         write_table(sweep_dir)
         self.finished += 1
-        if self.finished >= self.expected:
+        if self.finished >= self.expected and os.getpid() == self.launcher_pid:  # jobs in this process
             self._print()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -113,8 +126,21 @@ class ResultsTable(Callback):
 
     def _print(self) -> None:
         self.printed = True
+        if self in PENDING:
+            PENDING.remove(self)
         if self.sweep_dir is not None:
+            write_table(self.sweep_dir)  # jobs in other processes may have raced on the CSV
             print_table(self.sweep_dir)
+
+
+PENDING: list[ResultsTable] = []  # sweeps of this process whose table is not printed yet
+
+
+def print_pending_tables() -> None:
+    """Print the table of every sweep this process launched and has not printed (a job failed in
+    another process, so Hydra raised before ``on_multirun_end``)."""
+    for table in list(PENDING):
+        table._print()
 
 
 def sweep_entries(sweep_dir: Path) -> list[dict[str, Any]]:

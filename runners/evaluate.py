@@ -44,6 +44,7 @@ from runners.environment import timing_environment
 from runners.errors import ConfigError, RunInterrupted, UsageError, hydra_verbose, reported_errors
 from runners.fidelity import FidelityReference
 from runners.identity import run_directory, run_identity
+from runners.parallel import ProcessGroup, open_run_store, process_model_settings
 from runners.report import console, render_table
 from runners.scoring import failed_record, summarise_run
 from runners.store import RunStore
@@ -255,8 +256,9 @@ def save_hydra_files(directory: Path, cfg: DictConfig | Mapping[str, Any]) -> No
 
 
 def evaluate(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path | None = None, *, in_sweep: bool = False,
-             pipeline=None) -> dict[str, Any]:
-    """Run (or resume) one combination; returns the summary.
+             pipeline=None) -> dict[str, Any] | None:
+    """Run (or resume) one combination; returns the summary (None in the other processes of a
+    data-parallel launch, whose main process writes it: see ``runners.parallel``).
 
     Args:
         cfg: the composed config (``conf/config.yaml``).
@@ -265,26 +267,38 @@ def evaluate(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path | None = N
             model is kept for the next job.
         pipeline: an already built pipeline for ``cfg.model``; built when there are samples to run.
     """
+    group = ProcessGroup.from_environment()
     plan = prepare_run(cfg, in_sweep=in_sweep)
     directory = Path(run_dir) if run_dir is not None else plan.directory
     settings, compressor, benchmark, ids = plan.settings, plan.compressor, plan.benchmark, plan.ids
     if settings.get("num_threads"):
         torch.set_num_threads(int(settings["num_threads"]))
 
-    with RunStore(directory, plan.identity, resume=settings["resume"]) as store, run_log(directory):
-        save_hydra_files(directory, cfg)
+    with open_run_store(directory, plan.identity, resume=settings["resume"], group=group, order=ids,
+                        wait=in_sweep) as store, \
+            run_log(directory):
+        if group.is_main:
+            save_hydra_files(directory, cfg)
         done = store.completed_ids()
         todo = [i for i, sample_id in enumerate(ids) if sample_id not in done]
-        log.info("%s: %d samples, %d already done, writing to %s", compressor, len(ids), len(ids) - len(todo),
-                 directory)
-        if todo:
+        mine = group.shard(todo)  # data-parallel: a strided share of what is left; else all of it
+        log.info("%s: %d samples, %d already done, writing to %s%s", compressor, len(ids), len(ids) - len(todo),
+                 directory, f" (process {group.rank} of {group.world_size}: {len(mine)})" if group.distributed else "")
+        if mine:  # the main process has work whenever any is left (it takes todo[0])
             if pipeline is None:
-                pipeline = PIPELINES.get(settings["model"]) if in_sweep else build_pipeline(settings["model"])
-            store.record_launch(timing_environment(pipeline.device))
+                model = process_model_settings(settings["model"], group)  # each process on its own GPU(s)
+                pipeline = PIPELINES.get(model) if in_sweep else build_pipeline(model)
+            if group.is_main:
+                store.record_launch({**timing_environment(pipeline.device),
+                                     **({"processes": group.world_size} if group.distributed else {})})
             cost = CostModel(pipeline.model.config, plan.cost, pipeline.model.dtype, compressor)
             fidelity = (FidelityReference.from_config(OmegaConf.create(settings))
                         if (settings.get("eval") or {}).get("fidelity") else None)
-            _run_samples(pipeline, compressor, benchmark, cost, fidelity, store, ids, todo, settings)
+            _run_samples(pipeline, compressor, benchmark, cost, fidelity, store, ids, mine, settings, group)
+        group.barrier()  # every process has finished its shard
+        if not group.is_main:
+            return None
+        store.finalise()  # the shards merged into samples.jsonl, in the benchmark's order
         records = store.records(ids)
         summary = summarise_run(benchmark.scorer, records, run={
             "model": settings["model"]["name"],
@@ -302,17 +316,22 @@ def evaluate(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path | None = N
 
 def _run_samples(pipeline, compressor: Compressor, benchmark: Benchmark, cost: CostModel,
                  fidelity: FidelityReference | None, store: RunStore, ids: list[str], todo: list[int],
-                 settings: Mapping[str, Any]) -> None:
+                 settings: Mapping[str, Any], group: ProcessGroup = ProcessGroup()) -> None:
     """Generate, score and store every sample of ``todo`` (with its cost, and its fidelity to the
-    uncompressed model when asked); Ctrl-C stops after the last stored one."""
+    uncompressed model when asked); Ctrl-C stops after the last stored one. In a data-parallel
+    launch ``todo`` is this process's shard, and only the main process shows its bar."""
     status = RunningStatus()
     for record in store.records(ids):
         status.add(record)
     new = 0
+    description = f"{settings['model']['name']} | {compressor.name} | {benchmark.name}"
+    total, completed = len(ids), len(ids) - len(todo)
+    if group.distributed:
+        description += f" | process {group.rank} of {group.world_size}"
+        total, completed = len(todo), 0
     try:
-        with _progress(settings["progress"]) as progress:
-            task = progress.add_task(f"{settings['model']['name']} | {compressor.name} | {benchmark.name}",
-                                     total=len(ids), completed=len(ids) - len(todo), status=str(status))
+        with _progress(settings["progress"] and group.is_main) as progress:
+            task = progress.add_task(description, total=total, completed=completed, status=str(status))
             for index in todo:
                 try:
                     sample = benchmark[index]
@@ -332,6 +351,10 @@ def _run_samples(pipeline, compressor: Compressor, benchmark: Benchmark, cost: C
                 status.add(record)
                 progress.update(task, advance=1, status=str(status))
     except KeyboardInterrupt:
+        if group.distributed:
+            raise RunInterrupted(f"process {group.rank} of {group.world_size}: interrupted after {new} of its "
+                                 f"{len(todo)} samples in {store.directory}; rerun the same command (with any "
+                                 "number of processes) to resume") from None
         raise RunInterrupted(
             f"interrupted after {len(ids) - len(todo) + new} of {len(ids)} samples ({new} in this launch) in "
             f"{store.directory}; rerun the same command to resume"
@@ -343,10 +366,18 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     with reported_errors(verbose=hydra_verbose(), in_sweep=in_sweep):
         summary = evaluate(cfg, in_sweep=in_sweep)
-    if not in_sweep:  # a multirun prints one table for all its jobs (runners.callbacks)
+    if not in_sweep and summary is not None:  # a multirun prints one table for all its jobs (runners.callbacks)
         console().print(render_table([summary], title=f"vtclab: {summary['run_dir']}"))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    # The task function as ``runners.evaluate.main``, not ``__main__.main``: launchers that run jobs in
+    # other processes (joblib, submitit) pickle it, and a function of ``__main__`` does not pickle by name.
+    from runners.callbacks import print_pending_tables
+    from runners.evaluate import main as entry_point
+
+    try:
+        entry_point()
+    finally:  # a multirun whose jobs ran in other processes, one of them failed: its table all the same
+        print_pending_tables()

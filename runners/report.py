@@ -32,7 +32,7 @@ from rich.table import Table
 from compressors.registry import compressor_parameters, get_compressor_class
 from runners.environment import timing_spread
 from runners.fidelity import summarise_fidelity
-from runners.store import RUN_FILE, SAMPLES_FILE, SUMMARY_FILE
+from runners.store import RUN_FILE, SAMPLES_FILE, SHARDS_DIR, SUMMARY_FILE, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,11 @@ def inspect_run(directory: Path) -> dict[str, Any] | IncompleteRun:
         if settings is not None and "compressor" not in settings and isinstance(settings.get(nested), dict):
             settings = settings[nested]
     records, torn = _count_records(samples_path) if samples_path.exists() else (0, False)
+    shards = [_count_records(path) for path in shard_files(directory)]  # a data-parallel launch's, not merged yet
+    records, torn = records + sum(count for count, _ in shards), torn or any(cut for _, cut in shards)
+    if shards and summary_path.exists():
+        return IncompleteRun(directory, directory / SHARDS_DIR, f"unfinished: {records} records, some in shard files "
+                             "not merged yet (killed or still running; rerun the same command to finish)", settings)
     if not summary_path.exists():
         what = f"{records} sample record{'' if records == 1 else 's'}" + (" and a torn last line" if torn else "")
         return IncompleteRun(directory, samples_path if samples_path.exists() else run_path,

@@ -11,6 +11,7 @@ schema.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
@@ -138,3 +139,9 @@ def register_schemas() -> None:
 
 
 register_schemas()
+
+# conf/hydra/launcher/{submitit_slurm,submitit_local,joblib}.yaml give the launcher plugins' configs of
+# the same name vtclab's values; Hydra 1.3 checks them against the plugin's dataclass (its automatic
+# schema matching: a typo or a wrong type still fails at compose) and warns that the matching is deprecated.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/(submitit_slurm|submitit_local|joblib)' is validated "
+                        "against ConfigStore schema with the same name", category=UserWarning)

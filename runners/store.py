@@ -11,6 +11,13 @@
 * ``summary.json``: aggregate metrics, rewritten atomically at the end.
 * ``.lock``: an exclusive ``flock`` held while a run writes. The OS drops it when the process
   dies, so a crash never leaves a stale lock; a second run into the same directory is refused.
+* ``shards/rank<r>.jsonl``: in a data-parallel launch (``runners.parallel``) every process appends
+  its records to its own shard file, exclusively ``flock``-ed by it; the main process holds
+  ``.lock`` for all of them, and the others join under the launch's token (a second, unrelated run
+  is refused as before). At the end the main process merges the shards into ``samples.jsonl`` in
+  the benchmark's id order (the file a single-process run writes) and deletes them. Shards a kill
+  left behind are merged when the run is next opened, with any number of processes: the work is
+  keyed by sample id, not by shard.
 
 Every check that can refuse a run happens before anything in the directory changes. Temp files
 are unique per writer (``tempfile.mkstemp``), so concurrent processes never share one.
@@ -39,6 +46,7 @@ SAMPLES_FILE = "samples.jsonl"
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
+SHARDS_DIR = "shards"
 UNSET = "<unset>"
 
 
@@ -94,13 +102,56 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
         raise
 
 
+def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> None:
+    """Write text lines through a temp file unique to this writer, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode open() gives an appended file, not mkstemp's 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def shard_path(directory: str | Path, rank: int) -> Path:
+    return Path(directory) / SHARDS_DIR / f"rank{rank}.jsonl"
+
+
+def shard_files(directory: str | Path) -> list[Path]:
+    """The shard files of ``directory``, by rank."""
+    return sorted((Path(directory) / SHARDS_DIR).glob("rank*.jsonl"), key=lambda p: int(p.stem[4:] or 0))
+
+
+def probe_shards(directory: str | Path) -> None:
+    """Raise ``RunLockedError`` if a process (of a launch whose main process died) still writes a shard."""
+    for path in shard_files(directory):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(f"{path} is still being written by a process of an earlier launch. Stop it (or "
+                                 "wait for it to end); a process that dies releases its shard by itself.") from None
+        finally:
+            os.close(fd)
+
+
 def launch_token() -> str:
     """Names one launch: the same in every process of it, different between launches.
 
-    Today a launch is one process. ``torchrun``/``accelerate launch`` give all their processes the
-    same ``MASTER_ADDR:MASTER_PORT`` (and ``TORCHELASTIC_RUN_ID``), so a data-parallel launch will
-    get one token for all its ranks: the lock below can then admit the ranks of the holder's launch
-    (each writing its own shard file) and still refuse any other run.
+    A data-parallel launch's main process adds a random suffix and sends the token to its other
+    processes (``runners.parallel.open_run_store``): they join the run the lock's holder announces
+    under that token (``RunStore.join``), and any other run is refused.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "launch:{}@{}:{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
@@ -151,6 +202,30 @@ class RunLock:
             raise self._refusal() from None
         self._fd = fd
         return self
+
+    def wait(self) -> bool:
+        """Block until no process holds the lock; False at once if none held it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # returns when the holder closes it or dies
+                return True
+        finally:
+            os.close(fd)
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the holder announced (token, pid, host, since), or None."""
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
 
     def announce(self) -> None:
         """Record the holder (token, pid, host, time) for the message a refused run prints."""
@@ -225,27 +300,55 @@ class RunStore:
         identity: what defines the results (nested mapping, JSON-serialisable).
         resume: keep finished samples (True) or delete them and start over (False).
         token: this launch's token (see ``launch_token``), recorded in the lock.
+        order: the benchmark's sample ids; ``samples.jsonl`` keeps its records in this order.
+        rank: None for a single-process run (records go to ``samples.jsonl``); 0 for the main
+            process of a data-parallel launch (it holds the lock; records go to its shard file).
+            Other ranks join with ``RunStore.join``.
     """
 
     def __init__(self, directory: str | Path, identity: Mapping[str, Any], resume: bool = True,
-                 token: str | None = None) -> None:
+                 token: str | None = None, order: Iterable[str] = (), rank: int | None = None) -> None:
         self.directory = Path(directory)
         self.samples_path = self.directory / SAMPLES_FILE
         self.identity = json.loads(json.dumps(identity))  # as it reads back from run.json
+        self.order = list(order)
         self._handle = None
+        self._write_path = self.samples_path
         lock = RunLock(self.directory, token or launch_token())
         if self.directory.exists():  # refuse before creating anything
             lock.probe()
+            probe_shards(self.directory)
             if resume:
                 self._check_identity()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = lock.acquire()
         try:
             self._open(resume)
+            if rank is not None:
+                self._open_shard(rank)
         except BaseException:
             self._lock.release()
             raise
         self._lock.announce()
+
+    @classmethod
+    def join(cls, directory: str | Path, identity: Mapping[str, Any], token: str, rank: int,
+             order: Iterable[str] = ()) -> "RunStore":
+        """Open the run as process ``rank`` (> 0) of the launch whose main process holds the lock
+        under ``token``; its records go to its own shard file. Another holder is refused."""
+        store = cls.__new__(cls)
+        store.directory, store.samples_path = Path(directory), Path(directory) / SAMPLES_FILE
+        store.identity = json.loads(json.dumps(identity))
+        store.order = list(order)
+        store._handle = store._lock = None
+        holder = RunLock(store.directory, token).holder() or {}
+        if holder.get("token") != token:
+            raise RunLockedError(f"{store.directory} is not held by this launch (holder: {holder or 'none'}); a "
+                                 "process of a data-parallel launch joins only the run its main process opened.")
+        store._records = read_samples(store.samples_path).records  # the main process has merged and truncated
+        store._launches = []
+        store._open_shard(rank)
+        return store
 
     @classmethod
     def check(cls, directory: str | Path, identity: Mapping[str, Any], resume: bool = True) -> None:
@@ -256,6 +359,7 @@ class RunStore:
         store.identity = json.loads(json.dumps(identity))
         if store.directory.exists():
             RunLock(store.directory, "").probe()
+            probe_shards(store.directory)
             if resume:
                 store._check_identity()
                 read_samples(store.samples_path)
@@ -264,7 +368,8 @@ class RunStore:
     def _check_identity(self) -> list[dict]:
         """Refuse results of other settings or of unknown settings; return the kept launches."""
         stored = read_run_file(self.directory)
-        has_records = self.samples_path.exists() and self.samples_path.stat().st_size > 0
+        has_records = any(path.exists() and path.stat().st_size > 0
+                          for path in (self.samples_path, *shard_files(self.directory)))
         if stored is None:
             if has_records:
                 raise RunMismatchError(
@@ -289,12 +394,70 @@ class RunStore:
                 with open(self.samples_path, "r+b") as handle:
                     handle.truncate(samples.complete_bytes)
             self._records = samples.records
+            self._merge_shards()
         else:
             self.samples_path.unlink(missing_ok=True)
             (self.directory / SUMMARY_FILE).unlink(missing_ok=True)
+            for path in shard_files(self.directory):
+                path.unlink()
             self._records = {}
         self._launches = launches
         self._write_run_file()
+
+    def _open_shard(self, rank: int) -> None:
+        """Append this process's records to ``shards/rank<rank>.jsonl``, holding its ``flock``."""
+        self._write_path = shard_path(self.directory, rank)
+        self._write_path.parent.mkdir(exist_ok=True)
+        self._handle = open(self._write_path, "a", encoding="utf-8")  # new: left over ones were merged at open
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.close()
+            raise RunLockedError(f"{self._write_path} is being written by another process") from None
+
+    def _merge_shards(self) -> None:
+        """Fold the shard files of this or an earlier launch into ``samples.jsonl`` (in ``order``),
+        then delete them. A torn last line (a process killed mid-write) is dropped; an id already
+        stored (a merge cut short after its rename) is kept once."""
+        paths = shard_files(self.directory)
+        if not paths:
+            return
+        for path in paths:
+            shard = read_samples(path)
+            if shard.torn_bytes:
+                log.warning("%s: dropped a torn last line (%d bytes, the sample in flight when a process was "
+                            "killed)", path, shard.torn_bytes)
+            for sample_id, record in shard.records.items():
+                self._records.setdefault(sample_id, record)
+        self._rewrite_samples()
+        for path in paths:
+            path.unlink()
+        with contextlib.suppress(OSError):  # not empty: a file that is not a shard stays, and so does the folder
+            paths[0].parent.rmdir()
+        log.info("merged %d shard files into %s", len(paths), self.samples_path)
+
+    def _rewrite_samples(self) -> None:
+        """Rewrite ``samples.jsonl`` atomically: the ids of ``order`` first, in that order, then the rest."""
+        ordered = [i for i in dict.fromkeys(self.order) if i in self._records]
+        placed = set(ordered)
+        self._records = {i: self._records[i] for i in ordered + [i for i in self._records if i not in placed]}
+        write_lines_atomic(self.samples_path,
+                           (json.dumps(record, ensure_ascii=False) + "\n" for record in self._records.values()))
+
+    def finalise(self) -> None:
+        """The main process, once every process has finished: merge the shards into ``samples.jsonl``.
+
+        A single-process run's file is rewritten only when it is out of ``order`` (it resumed
+        after a data-parallel launch), so it equals what one uninterrupted process writes."""
+        if self._write_path != self.samples_path:  # data-parallel: this process wrote a shard
+            self._close_handle()
+            self._write_path = self.samples_path
+            self._merge_shards()
+        elif self.order:
+            wanted = set(self.order)
+            if [i for i in self._records if i in wanted] != [i for i in dict.fromkeys(self.order) if i in self._records]:
+                self._close_handle()
+                self._rewrite_samples()
 
     def _write_run_file(self) -> None:
         write_json_atomic(self.directory / RUN_FILE, {"identity": self.identity, "launches": self._launches})
@@ -308,7 +471,7 @@ class RunStore:
         if record["id"] in self._records:
             raise ValueError(f"sample {record['id']!r} is already in {self.samples_path}")
         if self._handle is None:
-            self._handle = open(self.samples_path, "a", encoding="utf-8")
+            self._handle = open(self._write_path, "a", encoding="utf-8")
         self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -324,7 +487,9 @@ class RunStore:
         return list(self._launches)
 
     def record_launch(self, environment: Mapping[str, Any]) -> None:
-        """Add this launch's environment to ``run.json`` (before its first sample)."""
+        """Add this launch's environment to ``run.json`` (before its first sample; main process only)."""
+        if self._lock is None:
+            raise RuntimeError("only the process that holds the run's lock writes run.json")
         self._launches.append(dict(environment))
         self._write_run_file()
 
@@ -333,11 +498,15 @@ class RunStore:
         write_json_atomic(path, dict(summary))
         return path
 
-    def close(self) -> None:
+    def _close_handle(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            self._handle.close()  # closing also drops a shard's flock
             self._handle = None
-        self._lock.release()
+
+    def close(self) -> None:
+        self._close_handle()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> "RunStore":
         return self
