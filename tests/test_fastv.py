@@ -58,7 +58,7 @@ def test_attention_row_equals_eager(tiny, images):
 
     class Spy(type(build_compressor({"name": "fastv"}))):
         def select_llm_tokens(self, inp):
-            seen["attention"] = inp.attention
+            seen["attention"] = inp.signals[self.llm_signals[0]][:, :, -1]  # [1, H, L]
             return super().select_llm_tokens(inp)
 
     with torch.inference_mode():
