@@ -55,24 +55,25 @@ AUTHORS_TOKENS = 576
 RECYCLE_FRACTION = 0.3  # v1: share of the pruned tokens that are recycled (plus one)
 
 
-def stage_fractions(ratio: float, variant: str, layers: tuple[int, ...], num_layers: int) -> list[float]:
-    """Fraction of the prefill's image tokens kept after each stage (see the module doc)."""
+def stage_counts(ratio: float, variant: str, layers: tuple[int, ...], num_layers: int, num_image_tokens: int) -> list[int]:
+    """Image tokens to keep after each stage, before the ``V - 1`` cap (see the module doc):
+    ``round(N * n_s / 576)`` with the authors' table ``n_s``, or with the 192 table scaled."""
     retain = ratio * AUTHORS_TOKENS
     table = AUTHORS_SCHEDULES[variant]
     nearest = min(table, key=lambda t: abs(t - retain))
     if abs(retain - nearest) <= 0.1 and len(layers) == 3:
-        return [n / AUTHORS_TOKENS for n in table[nearest]]
-    shape = [n / AUTHORS_TOKENS for n in table[192]]
+        return [round(num_image_tokens * n / AUTHORS_TOKENS) for n in table[nearest]]
+    shape = table[192]
     if len(layers) != len(shape):
         raise ValueError(f"sparsevlm: {len(layers)} stages {list(layers)}, but the authors' schedules have "
                          f"{len(shape)}; give three layers")
     bounds = (*layers, num_layers)
-    weighted = sum((bounds[s + 1] - bounds[s]) * shape[s] for s in range(len(shape)))
+    weighted = sum((bounds[s + 1] - bounds[s]) * shape[s] for s in range(len(shape))) / AUTHORS_TOKENS
     scale = (ratio * num_layers - layers[0]) / weighted
     if scale <= 0:
         raise ValueError(f"sparsevlm: ratio {ratio} is at or below the {layers[0]} full layers of {num_layers} "
                          f"({layers[0] / num_layers:.4f}); nothing is left for the stages")
-    return [scale * f for f in shape]
+    return [round(num_image_tokens * scale * n / AUTHORS_TOKENS) for n in shape]
 
 
 def select_raters(embeddings: torch.Tensor, image_start: int, image_end: int) -> torch.Tensor:
@@ -188,11 +189,11 @@ class SparseVLM(Compressor):
         return attention.mean(dim=0).mean(dim=0)  # heads, then raters: [V]
 
     def keep_count(self, inp: LLMInput) -> int:
-        fractions = inp.state.get("sparsevlm_fractions")
-        if fractions is None:
-            fractions = stage_fractions(self.ratio, self.variant, self.layers, inp.num_layers)
-            inp.state["sparsevlm_fractions"] = fractions
-        return min(round(inp.prefill_image_tokens * fractions[inp.stage]), inp.num_image_tokens - 1)
+        counts = inp.state.get("sparsevlm_counts")
+        if counts is None:
+            counts = stage_counts(self.ratio, self.variant, self.layers, inp.num_layers, inp.prefill_image_tokens)
+            inp.state["sparsevlm_counts"] = counts
+        return min(counts[inp.stage], inp.num_image_tokens - 1)
 
     def select_llm_tokens(self, inp: LLMInput) -> torch.Tensor | LLMDecision:
         start, end = inp.image_span()

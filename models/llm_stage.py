@@ -62,13 +62,15 @@ DECODE_MODES = ("prefill_once", "recompute", "mask")
 @dataclass
 class StageRecord:
     """One stage of one prefill. ``keep``: kept positions of the sequence the stage saw;
-    ``merged``: merged tokens it added; ``length``: the sequence length it left."""
+    ``merged``: merged tokens it added; ``length``/``image_tokens``: what it left; ``decision``: the
+    compressor's validated answer."""
 
     layer: int
     keep: torch.Tensor
     merged: int
     length: int
     image_tokens: int
+    decision: LLMDecision | None = None
 
 
 @dataclass
@@ -447,7 +449,7 @@ class LLMStagePruning:
                        "attention_mask": self._causal_mask(hidden, mask_2d, kwargs.get("cache"), self.stage_layers[stage])}
         record = self._forward_record
         record.stages.append(StageRecord(layer=self.stage_layers[stage], keep=keep, merged=count,
-                                         length=hidden.shape[1], image_tokens=int(image.sum())))
+                                         length=hidden.shape[1], image_tokens=int(image.sum()), decision=decision))
         self._finish_record(record)
         return hidden
 

@@ -190,3 +190,134 @@ def test_token_accounting_by_hand_on_one_fastv_generate(tiny, images):
     expected = sorted(s for s in order[top].tolist() if s >= 0)
     assert sorted(result.provenance.source.tolist()) == expected
     assert result.provenance.token.max() < 585 and result.provenance.token.unique().numel() == len(expected)
+
+
+# -- several stages, merged tokens, decision checks ------------------------------------------------
+
+
+def _layer_mean_by_hand(name: str, n: int) -> tuple[list[int], float]:
+    """Image tokens of each of the tiny decoder's 4 layers, from each method's rule (stages scaled)."""
+    import numpy as np
+
+    if name == "pdrop":  # stages 1/2/3 of 4 at ratio 0.5: (1 + l + l^2 + l^3) / 4 = 0.5
+        lam = next(r.real for r in np.roots([1, 1, 1, -1]) if abs(r.imag) < 1e-9)
+        counts = [n] + [int(n * lam ** s + 1e-9) for s in (1, 2, 3)]
+    elif name == "sparsevlm":  # after layers 0/1/2, the authors' 192 table (300, 200, 110 of 576), v1 recycling
+        counts, current = [n], n
+        for table in (300, 200, 110):
+            kept = min(round(n * table / 576), current - 1)
+            recycled = int((current - kept) * 0.3) + 1
+            current = kept + int(recycled / 10) + 1
+            counts.append(current)
+    else:  # dart, K = 2, ratio 0.25: 4 + 8 int(min(n / 4, n - 4) // 8) from layer 2 on
+        kept = 4 + 8 * int(min(n * 0.25, n - 4) // 8)
+        counts = [n, n, kept, kept]
+    return counts, sum(counts) / 4
+
+
+STAGED = {"pdrop": {"name": "pdrop", "ratio": 0.5, "layers": [1, 2, 3]},
+          "sparsevlm": {"name": "sparsevlm", "ratio": 0.3333, "layers": [0, 1, 2]},
+          "dart": {"name": "dart", "ratio": 0.25}}
+
+
+@pytest.mark.parametrize("name", STAGED)
+def test_layer_mean_by_hand_for_every_method(tiny, images, name):
+    """The numbers a results table shows, from one generate: image tokens per layer, their mean, the
+    last layer's count, and provenance that only names sources of the image, once each."""
+    result = tiny.generate(images["1x2"], QUESTION, build_compressor(STAGED[name]), max_new_tokens=1)
+    counts, mean = _layer_mean_by_hand(name, result.visual_tokens_spliced)
+    assert result.visual_tokens_after == counts[-1]
+    assert result.visual_tokens_layer_mean == mean
+    source = result.provenance.source
+    assert source.unique().numel() == source.numel()  # a source is kept or merged once
+    assert int(result.provenance.token.max()) < counts[-1]
+    assert ((source >= 0) & (source < result.layout.num_tiles * 576)).all()
+
+
+def test_provenance_compose_by_hand():
+    from compressors import Provenance
+
+    # segment of 4 tokens: 0 <- {10}, 1 <- {11, 12} (pooled), 2 newline, 3 <- {13}
+    base = Provenance(token=torch.tensor([0, 1, 1, 3]), source=torch.tensor([10, 11, 12, 13]))
+    # new segment: token 0 keeps segment token 3; token 1 merges segment tokens 0, 1 and 2
+    got = base.compose(token=torch.tensor([0, 1, 1, 1]), member=torch.tensor([3, 0, 1, 2]), length=4)
+    assert got.token.tolist() == [0, 1, 1, 1] and got.source.tolist() == [13, 10, 11, 12]
+
+
+class _Decides(Compressor):
+    """An LLM-stage compressor that returns a fixed decision."""
+
+    llm_positions = "original"
+
+    def __init__(self, fn, layers=(2,)) -> None:
+        super().__init__(1.0)
+        self.fn, self.llm_layers = fn, tuple(layers)
+
+    def select_llm_tokens(self, inp):
+        return self.fn(inp)
+
+
+def _merge(**changes):
+    """Keep everything but image positions 4 and 5, which become one merged token after position 3."""
+    from compressors import LLMDecision
+
+    def fn(inp):
+        length = inp.image_mask.shape[1]
+        keep = torch.tensor([p for p in range(length) if p not in (4, 5)])
+        fields = dict(keep=keep, merged=inp.hidden_states[0, 4:6].mean(0, keepdim=True), merged_at=4,
+                      merged_token=torch.tensor([0, 0]), merged_member=torch.tensor([4, 5]),
+                      merged_position_ids=torch.tensor([4]))
+        fields.update(changes)
+        return LLMDecision(**fields)
+
+    return fn
+
+
+BAD_DECISIONS = {
+    "merged width": (dict(merged=torch.zeros(1, 3, dtype=torch.float64)), r"needs merged \[M >= 1, 128\]"),
+    "merged_at": (dict(merged_at=99), "needs merged_at in 0.."),
+    "no pairs": (dict(merged_token=None), "merged_token/merged_member pairs"),
+    "member not image": (dict(merged_member=torch.tensor([0, 5])), "members that are image positions"),
+    "uncovered token": (dict(merged_token=torch.tensor([1, 1])), "every merged token 0..0 to have members"),
+    "no position ids": (dict(merged_position_ids=None), r"needs merged_position_ids \[1\]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DECISIONS)
+def test_a_bad_decision_is_refused_naming_the_compressor(case):
+    from tests.llm_reference import reference_model, run_with_cache
+
+    changes, message = BAD_DECISIONS[case]
+    compressor = _Decides(_merge(**changes))
+    compressor.name = "my_merger"
+    with pytest.raises(ValueError, match=rf"compressor 'my_merger': an LLMDecision with merged tokens .*{message}"):
+        run_with_cache(reference_model(3, 0), compressor, 2, 8, 3, 0, 0)
+
+
+def test_a_merged_token_decodes_like_its_cache_free_replay():
+    """Original positions with a merged token at position id 4, two stages: cached decoding equals the
+    cache-free recomputation, and the record maps the merged token to both of its members."""
+    from tests.llm_reference import reference_model, replay, run_with_cache
+
+    model = reference_model(4, 3)
+    run = run_with_cache(model, _Decides(_merge(), layers=(1, 2)), 2, 8, 3, 5, 3)
+    assert [stage.length for stage in run.record.stages] == [12, 11]  # 13 - 2 + 1, then again
+    assert run.record.layer_image_tokens == [8, 7, 6, 6]
+    first = run.record.stages[0]
+    assert first.merged == 1 and first.decision.merged_at == 4
+    replayed = replay(model, run.embeds, run.record, contiguous=False)[0, -3:]
+    assert torch.allclose(replayed, run.decode_hidden, atol=1e-10, rtol=0)
+    # image segment 0..7 at positions 2..9. Stage 1 merges segments 2, 3 (positions 4, 5) into one token
+    # at index 4; stage 2 merges that token and segment 4 (now at 4, 5): final image tokens
+    # [seg 0, seg 1, {2, 3, 4}, seg 5, seg 6, seg 7]
+    assert run.record.image_token.tolist() == [0, 1, 2, 2, 2, 3, 4, 5]
+    assert run.record.segment_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert run.record.kept_segment_index.tolist() == [0, 1, 5, 6, 7]
+
+
+@pytest.mark.parametrize("layers", [(2, 2), (3, 1), (0,), (1, 4), ()])
+def test_stage_layers_are_checked_against_the_model(layers):
+    from tests.llm_reference import reference_model, run_with_cache
+
+    with pytest.raises(ValueError, match=r"llm_layers .* out of range .* strictly increasing layers in 1..3"):
+        run_with_cache(reference_model(4, 0), _Decides(lambda inp: None, layers=layers), 2, 8, 3, 0, 0)
