@@ -55,10 +55,10 @@ def dart_select(keys: torch.Tensor, normed: torch.Tensor, start: int, end: int, 
     pool = torch.ones(num_image, dtype=torch.bool, device=keys.device)
     pool[torch.tensor(image_pivots, device=keys.device) - start] = False
     chosen = ~pool  # image pivots are kept
-    span = normed[start:end]  # [N, D]
-    for pivot in order:  # 8 pivots, each a vectorised pass over the span
-        dissimilarity = -F.cosine_similarity(normed[pivot], span, dim=-1)  # [N]
-        top = dissimilarity.masked_fill(~pool, float("-inf")).topk(topk).indices
+    unit = F.normalize(normed, dim=-1, eps=1e-8)  # cosine similarity = dot product of unit vectors
+    similarity = unit[start:end] @ unit[order].T  # [N, 8], one column per pivot in visiting order
+    for column in range(len(order)):  # each pivot in turn takes k of the remaining tokens
+        top = (-similarity[:, column]).masked_fill(~pool, float("-inf")).topk(topk).indices
         pool[top] = False
         chosen[top] = True
     return chosen.nonzero().flatten() + start

@@ -114,6 +114,8 @@ class PyramidDrop(Compressor):
         return pdrop_keep_counts(num_image_tokens, lam, len(self.layers))
 
     def select_llm_tokens(self, inp: LLMInput) -> torch.Tensor:
+        if inp.num_image_tokens == 0:  # an earlier stage kept none (lambda = 0)
+            return torch.arange(inp.image_mask.shape[1], device=inp.image_mask.device)
         inp.image_span()  # one contiguous image span
         counts = inp.state.get("pdrop_counts")
         if counts is None:

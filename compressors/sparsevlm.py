@@ -106,7 +106,8 @@ def dpc_knn_merge(tokens: torch.Tensor, clusters: int, generator: torch.Generato
         ``([clusters, D]`` merged tokens, ``[n]`` cluster of each token).
     """
     n, dim = tokens.shape
-    dist = torch.cdist(tokens[None], tokens[None], compute_mode="donot_use_mm_for_euclid_dist")[0] / dim ** 0.5
+    wide = tokens.to(torch.promote_types(tokens.dtype, torch.float32))  # distances via a matmul, in float32+
+    dist = (torch.cdist(wide[None], wide[None])[0] / dim ** 0.5).to(tokens.dtype)  # [n, n]
     nearest = dist.topk(clusters, dim=-1, largest=False).values  # [n, k]
     density = (-(nearest ** 2).mean(dim=-1)).exp()  # [n]
     density = density + torch.rand(density.shape, generator=generator, dtype=density.dtype,
@@ -196,6 +197,8 @@ class SparseVLM(Compressor):
         return min(counts[inp.stage], inp.num_image_tokens - 1)
 
     def select_llm_tokens(self, inp: LLMInput) -> torch.Tensor | LLMDecision:
+        if inp.num_image_tokens == 0:  # nothing left to score (the authors' s_flag = False)
+            return torch.arange(inp.image_mask.shape[1], device=inp.image_mask.device)
         start, end = inp.image_span()
         relation = self.scores(inp)  # [V]
         kept = torch.zeros(end - start, dtype=torch.bool, device=relation.device)

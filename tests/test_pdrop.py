@@ -72,3 +72,13 @@ def test_kv_lengths_halve_at_each_stage_and_decoding_equals_a_cache_free_replay(
     replayed = replay(model, run.embeds, run.record, contiguous=True)[0]
     assert torch.allclose(replayed[-steps:], run.decode_hidden, atol=1e-10, rtol=0)
     assert torch.allclose(replayed[:text + 8], run.prefill_hidden, atol=1e-10, rtol=0)
+
+
+def test_a_stage_with_no_image_tokens_left_keeps_the_text():
+    """At the lowest reachable ratio lambda = 0: the first stage drops every image token, the next ones
+    have nothing to select."""
+    from tests.llm_reference import reference_model, run_with_cache
+
+    pdrop = build_compressor({"name": "pdrop", "ratio": 0.25, "layers": [1, 2, 3]})
+    run = run_with_cache(reference_model(4, 0), pdrop, 3, 20, 5, 0, 1)
+    assert run.record.layer_image_tokens == [20, 0, 0, 0] and run.cache_lengths == [28, 8, 8, 8]
