@@ -122,7 +122,7 @@ class PruningRecord:
 
     @property
     def kept_segment_index(self) -> torch.Tensor | None:
-        """Segment index of every final image token that is a kept (unmerged) segment token."""
+        """Segment index of every final image token that stands for exactly one segment token."""
         if self.segment_index is None:
             return None
         counts = torch.bincount(self.image_token, minlength=self.kept_image_tokens)
@@ -386,14 +386,12 @@ class LLMStagePruning:
             state=self._state,
         )
 
-    def _decide(self, stage: int, hidden: torch.Tensor, inp: LLMInput, mask_2d, kwargs) -> LLMDecision:
+    def _decide(self, stage: int, hidden: torch.Tensor, inp: LLMInput, mask_2d, cache) -> LLMDecision:
         """Signals, the compressor's answer, and its validation (timed together)."""
         timings: dict[str, float] | None = {} if self.timed else None
         with stopwatch(timings, "select_s", hidden.device):
-            ctx = StageContext(layer=self.stage_layers[stage], hidden=hidden,
-                               position_embeddings=kwargs["position_embeddings"] if self.mode == "mask" and not self.prefill
-                               else inp.position_embeddings,
-                               mask_2d=mask_2d, cache=kwargs.get("cache"), prefill=self.prefill)
+            ctx = StageContext(layer=self.stage_layers[stage], hidden=hidden, position_embeddings=inp.position_embeddings,
+                               mask_2d=mask_2d, cache=cache, prefill=self.prefill)
             self._signals.compute(ctx, inp, self.compressor)
             decision = _as_decision(self.compressor.select_llm_tokens(inp))
             decision = check_decision(decision, inp.image_mask[0], hidden, self.compressor)
@@ -405,7 +403,7 @@ class LLMStagePruning:
         """Prefill at layer K_s: select, then cut every per-position input of the group."""
         seq = self._seq
         inp = self._stage_input(stage, hidden, seq, seq.image)
-        decision = self._decide(stage, hidden, inp, seq.mask_2d, kwargs)
+        decision = self._decide(stage, hidden, inp, seq.mask_2d, kwargs.get("cache"))
         device = hidden.device
         keep = decision.keep.to(device)
         new_index = torch.full((hidden.shape[1],), -1, dtype=torch.long, device=device)
@@ -491,13 +489,13 @@ class LLMStagePruning:
         image = torch.zeros(total, dtype=torch.bool, device=device)
         image[: self.image_mask.shape[1]] = self.image_mask[0].to(device)
         mask_2d = self._mask_2d
-        seq = self._seq if self.prefill else _Sequence(
-            original=torch.arange(total, device=device), image=image, position_ids=kwargs["position_ids"],
-            position_embeddings=kwargs["position_embeddings"], mask_2d=mask_2d,
-            pair_position=image.nonzero().flatten(), pair_segment=torch.arange(int(image.sum()), device=device))
-        inp = self._stage_input(stage, hidden, seq, image)
-        inp.position_ids = kwargs["position_ids"]
-        decision = self._decide(stage, hidden, inp, mask_2d, kwargs)
+        # the whole sequence; at a decode step hidden states, position ids and RoPE are the new token's
+        inp = LLMInput(hidden_states=hidden, image_mask=image[None], position_ids=kwargs["position_ids"], stage=stage,
+                       layer=self.stage_layers[stage], num_layers=self.num_layers,
+                       original_positions=torch.arange(total, device=device),
+                       position_embeddings=kwargs["position_embeddings"],
+                       prefill_image_tokens=int(self.image_mask.sum()), state=self._state)
+        decision = self._decide(stage, hidden, inp, mask_2d, cache)
         if decision.merged is not None:
             raise ValueError(f"compressor {_name(self.compressor)!r}: llm_decode='mask' cannot add merged tokens")
         allowed = torch.zeros(total, dtype=torch.long, device=device)

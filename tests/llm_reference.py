@@ -83,60 +83,65 @@ class HookRun:
 
 @torch.no_grad()
 def run_with_cache(model: LlamaModel, compressor, prefix: int, n_img: int, suffix: int, seed: int,
-                   steps: int) -> HookRun:
-    """Prefill (with a padding mask of ones) and ``steps`` cached decode steps under the hook."""
+                   steps: int, padded: tuple[int, ...] = ()) -> HookRun:
+    """Prefill and ``steps`` cached decode steps under the hook, with a 2-D padding mask that is 0 at
+    the prompt positions ``padded`` and 1 elsewhere."""
     length = prefix + n_img + suffix
     embeds, new = reference_inputs(seed, length, steps, dtype=model.dtype)
+    mask = torch.ones(1, length + steps, dtype=torch.long)
+    mask[0, list(padded)] = 0
     with one_thread(), LLMStagePruning(model, compressor, image_mask(prefix, n_img, suffix)) as stage:
-        out = model(inputs_embeds=embeds, attention_mask=torch.ones(1, length, dtype=torch.long), use_cache=True)
+        out = model(inputs_embeds=embeds, attention_mask=mask[:, :length], use_cache=True)
         cache = out.cache
         prefill = out.last_hidden_state[0]
         lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
         decode = []
         for step in range(steps):
             out = model(inputs_embeds=new[step][None, None], cache=cache, use_cache=True,
-                        attention_mask=torch.ones(1, length + step + 1, dtype=torch.long))
+                        attention_mask=mask[:, :length + step + 1])
             decode.append(out.last_hidden_state[0, -1])
     return HookRun(stage.record, prefill, lengths, torch.stack(decode), torch.cat([embeds, new[None]], dim=1))
 
 
 @torch.no_grad()
-def replay(model: LlamaModel, embeds: torch.Tensor, record: PruningRecord, contiguous: bool) -> torch.Tensor:
+def replay(model: LlamaModel, embeds: torch.Tensor, record: PruningRecord, contiguous: bool,
+           padded: tuple[int, ...] = ()) -> torch.Tensor:
     """Final-norm hidden states of a cache-free run over ``embeds`` ``[1, L + T, D]`` (the prompt of
-    ``record`` and T generated tokens) that applies the record's stage decisions to the prompt part.
+    ``record`` and T generated tokens) that applies the record's stage decisions to the prompt part;
+    the prompt positions ``padded`` are masked as keys wherever they are kept.
     Returns ``[1, L'' + T, D]``: the prompt positions left after the last stage, then the T tokens."""
     total = embeds.shape[1]
-    prompt = record.prefill_length
-    hidden, positions = embeds, torch.arange(total)
+    origin = torch.arange(total)  # original position of every current token (-1: merged)
     stages = {stage.layer: stage for stage in record.stages}
     with one_thread():
-        return _replay(model, hidden, positions, prompt, stages, contiguous)
-
-
-def _replay(model, hidden, positions, prompt, stages, contiguous):
-    for index, layer in enumerate(model.layers):
-        if index in stages:
-            decision = stages[index].decision
-            generated, generated_positions = hidden[:, prompt:], positions[prompt:]
-            kept, kept_positions = hidden[:, :prompt][:, decision.keep], positions[:prompt][decision.keep]
-            if decision.merged is not None:
-                at = decision.merged_at
-                merged_positions = (decision.merged_position_ids if decision.merged_position_ids is not None
-                                    else torch.zeros(decision.num_merged, dtype=torch.long))
-                kept = torch.cat([kept[:, :at], decision.merged[None].to(kept.dtype), kept[:, at:]], dim=1)
-                kept_positions = torch.cat([kept_positions[:at], merged_positions, kept_positions[at:]])
-            prompt = kept.shape[1]
-            if contiguous:  # the prompt renumbered, generated tokens right after it
-                kept_positions = torch.arange(prompt)
-                generated_positions = prompt + torch.arange(generated.shape[1])
-            hidden = torch.cat([kept, generated], dim=1)
-            positions = torch.cat([kept_positions, generated_positions])
-        length = hidden.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        mask = torch.zeros(length, length, dtype=hidden.dtype).masked_fill(~causal, torch.finfo(hidden.dtype).min)
-        hidden = layer(hidden, attention_mask=mask[None, None], position_ids=positions[None],
-                       position_embeddings=model.rotary_emb(hidden, positions[None]))
-    return model.norm(hidden)
+        hidden, positions, prompt = embeds, torch.arange(total), record.prefill_length
+        for index, layer in enumerate(model.layers):
+            if index in stages:
+                decision = stages[index].decision
+                cut = [(t[:, :prompt] if t.dim() == 3 else t[:prompt]) for t in (hidden, positions, origin)]
+                rest = [(t[:, prompt:] if t.dim() == 3 else t[prompt:]) for t in (hidden, positions, origin)]
+                kept, kept_positions, kept_origin = cut[0][:, decision.keep], cut[1][decision.keep], cut[2][decision.keep]
+                if decision.merged is not None:
+                    at, count = decision.merged_at, decision.num_merged
+                    merged_positions = (decision.merged_position_ids if decision.merged_position_ids is not None
+                                        else torch.zeros(count, dtype=torch.long))
+                    kept = torch.cat([kept[:, :at], decision.merged[None].to(kept.dtype), kept[:, at:]], dim=1)
+                    kept_positions = torch.cat([kept_positions[:at], merged_positions, kept_positions[at:]])
+                    kept_origin = torch.cat([kept_origin[:at], torch.full((count,), -1), kept_origin[at:]])
+                prompt = kept.shape[1]
+                generated_positions = rest[1]
+                if contiguous:  # the prompt renumbered, generated tokens right after it
+                    kept_positions = torch.arange(prompt)
+                    generated_positions = prompt + torch.arange(rest[1].numel())
+                hidden = torch.cat([kept, rest[0]], dim=1)
+                positions = torch.cat([kept_positions, generated_positions])
+                origin = torch.cat([kept_origin, rest[2]])
+            length = hidden.shape[1]
+            allowed = torch.ones(length, length, dtype=torch.bool).tril() & ~torch.isin(origin, torch.tensor(padded, dtype=torch.long))
+            mask = torch.zeros(length, length, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+            hidden = layer(hidden, attention_mask=mask[None, None], position_ids=positions[None],
+                           position_embeddings=model.rotary_emb(hidden, positions[None]))
+        return model.norm(hidden)
 
 
 @torch.no_grad()

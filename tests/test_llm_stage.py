@@ -232,6 +232,8 @@ def test_layer_mean_by_hand_for_every_method(tiny, images, name):
     assert source.unique().numel() == source.numel()  # a source is kept or merged once
     assert int(result.provenance.token.max()) < counts[-1]
     assert ((source >= 0) & (source < result.layout.num_tiles * 576)).all()
+    per_token = torch.bincount(result.provenance.token)
+    assert bool((per_token > 1).any()) == (name == "sparsevlm")  # only v1's recycled tokens merge sources
 
 
 def test_provenance_compose_by_hand():
@@ -321,3 +323,37 @@ def test_stage_layers_are_checked_against_the_model(layers):
 
     with pytest.raises(ValueError, match=r"llm_layers .* out of range .* strictly increasing layers in 1..3"):
         run_with_cache(reference_model(4, 0), _Decides(lambda inp: None, layers=layers), 2, 8, 3, 0, 0)
+
+
+@pytest.mark.parametrize("name", ["pdrop", "sparsevlm", "dart"])
+def test_a_padded_prompt_position_stays_masked_through_every_stage_and_step(name):
+    """The 2-D padding mask is cut with the sequence at every stage and extended by every decode step:
+    cached decoding with a padded prompt position equals the cache-free replay that masks it as a key."""
+    from tests.llm_reference import reference_model, replay, run_with_cache
+
+    settings = {"pdrop": {"name": "pdrop", "ratio": 0.5, "layers": [1, 2, 3]},
+                "sparsevlm": {"name": "sparsevlm", "ratio": 0.3333, "layers": [0, 1, 2], "variant": "v1"},
+                "dart": {"name": "dart", "ratio": 0.25}}[name]
+    model = reference_model(4, 9)
+    compressor = build_compressor(settings)
+    run = run_with_cache(model, compressor, 3, 48, 6, 9, 3, padded=(1,))
+    replayed = replay(model, run.embeds, run.record, contiguous=compressor.llm_positions == "contiguous", padded=(1,))
+    assert torch.allclose(replayed[0, -3:], run.decode_hidden, atol=1e-10, rtol=0)
+    unpadded = replay(model, run.embeds, run.record, contiguous=compressor.llm_positions == "contiguous")
+    assert not torch.allclose(unpadded[0, -3:], run.decode_hidden, atol=1e-6)  # the mask mattered
+
+
+def test_signal_requests_are_checked_and_instruction_rows_are_the_text_after_the_image():
+    from compressors import AttentionRows, LLMInput
+    from models.llm_signals import query_positions
+
+    for key, bad in (("layer", "next"), ("queries", "all"), ("dtype", "float16")):
+        with pytest.raises(ValueError, match=rf"AttentionRows.{key} must be one of .*got '{bad}'"):
+            AttentionRows(**{key: bad})
+    image = torch.zeros(1, 12, dtype=torch.bool)
+    image[0, 3:8] = True
+    inp = LLMInput(hidden_states=torch.zeros(1, 12, 4), image_mask=image, position_ids=torch.arange(12)[None])
+    assert query_positions(AttentionRows(queries="instruction"), inp, None).tolist() == [8, 9, 10, 11]
+    assert query_positions(AttentionRows(queries="last"), inp, None).tolist() == [11]
+    with pytest.raises(ValueError, match=r"llm_query_mask must return a \[12\] bool tensor"):
+        query_positions(AttentionRows(queries="mask"), inp, torch.ones(12))
