@@ -82,6 +82,8 @@ class PruningRecord:
         layer_lengths: sequence length at every decoder layer's input, prefill.
         layer_image_tokens: image tokens at every decoder layer's input, prefill (in ``mask`` mode: the
             image tokens a layer attends to).
+        layer_newlines: ``image_newline`` tokens among them (tokens that stand for newline segment
+            tokens only), when the hook was given the segment's newlines.
         stages: one ``StageRecord`` per stage.
         original_positions: ``[L']`` original prefill position of every token the last layer sees
             (-1 for merged tokens).
@@ -96,6 +98,7 @@ class PruningRecord:
     prefill_length: int = 0
     layer_lengths: list[int] = field(default_factory=list)
     layer_image_tokens: list[int] = field(default_factory=list)
+    layer_newlines: list[int] = field(default_factory=list)
     stages: list[StageRecord] = field(default_factory=list)
     original_positions: torch.Tensor | None = None
     image_token: torch.Tensor | None = None
@@ -213,6 +216,7 @@ class _Sequence:
     # provenance: pairs (current position, image-segment index)
     pair_position: torch.Tensor
     pair_segment: torch.Tensor
+    newlines: int | None = None  # newline tokens, counted once when asked
 
 
 class LLMStagePruning:
@@ -224,10 +228,12 @@ class LLMStagePruning:
             ``select_llm_tokens``.
         image_mask: ``[1, L]`` bool, image-token positions of the prompt that will be prefilled.
         timed: record the scoring + selection time in ``record.select_s`` (device-synchronised).
+        segment_newlines: ``[N]`` bool, which image-segment tokens are ``image_newline`` (for
+            ``record.layer_newlines``).
     """
 
     def __init__(self, language_model: nn.Module, compressor: Compressor, image_mask: torch.Tensor,
-                 timed: bool = False) -> None:
+                 timed: bool = False, segment_newlines: torch.Tensor | None = None) -> None:
         config = language_model.config
         num_layers = config.num_hidden_layers
         layers = tuple(compressor.llm_layers or ())
@@ -260,6 +266,7 @@ class LLMStagePruning:
         self.stage_layers = layers
         self.stage_of = {k: s for s, k in enumerate(layers)}
         self.image_mask = image_mask
+        self.segment_newlines = segment_newlines
         self.mode = compressor.llm_decode
         self.timed = timed
         self.record = PruningRecord()
@@ -353,6 +360,8 @@ class LLMStagePruning:
             record = self._forward_record
             record.layer_lengths.append(hidden.shape[1])
             record.layer_image_tokens.append(self._attended_image_tokens())
+            if self.segment_newlines is not None:
+                record.layer_newlines.append(self._newline_tokens())
         if self._group is None:
             return None
         kwargs = {**kwargs, **self._group}
@@ -372,6 +381,21 @@ class LLMStagePruning:
             position_ids=kwargs["position_ids"], position_embeddings=kwargs["position_embeddings"],
             mask_2d=self._mask_2d, pair_position=positions, pair_segment=torch.arange(positions.numel(), device=device),
         )
+
+    def _newline_tokens(self) -> int:
+        """Image tokens of the current sequence (in ``mask`` mode: the attended ones) that stand for
+        newline segment tokens only."""
+        if self.mode == "mask" and self._group is not None:
+            kept = self._forward_record.segment_index
+            return int(self.segment_newlines.to(kept.device)[kept].sum())
+        seq = self._seq
+        if seq.newlines is None:
+            length = seq.original.numel()
+            newline = self.segment_newlines.to(seq.pair_segment.device)[seq.pair_segment]  # [P]
+            pairs = torch.bincount(seq.pair_position, minlength=length)
+            newline_pairs = torch.bincount(seq.pair_position[newline], minlength=length)
+            seq.newlines = int(((pairs > 0) & (newline_pairs == pairs)).sum())
+        return seq.newlines
 
     def _attended_image_tokens(self) -> int:
         if self.mode == "mask" and self._group is not None:
@@ -438,7 +462,10 @@ class LLMStagePruning:
             pair_segment = torch.cat([pair_segment, merged_pairs.source.to(device)])
         if self.compressor.llm_positions == "contiguous":
             ids = seq.position_ids[:, :1] + torch.arange(hidden.shape[1], device=ids.device)[None]  # 0..L'-1
-        position_embeddings = self.lm.rotary_emb(hidden, ids)
+        if count or self.compressor.llm_positions == "contiguous":  # new position ids: their RoPE
+            position_embeddings = self.lm.rotary_emb(hidden, ids)
+        else:  # the kept tokens' own
+            position_embeddings = tuple(t[:, keep.to(t.device)] for t in seq.position_embeddings)
 
         self._seq = _Sequence(original=original, image=image, position_ids=ids, position_embeddings=position_embeddings,
                               mask_2d=mask_2d, pair_position=pair_position, pair_segment=pair_segment)

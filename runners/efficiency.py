@@ -142,10 +142,11 @@ def check_arguments(cfg: DictConfig) -> Plan:
     plan = Plan(compressor, convention, model_cfg, built, full)
     if swept_fixed:
         plan.skip = f"{compressor.name} has a fixed ratio ({fixed}); every job measures vanilla beside its compressor"
-    layer = compressor.llm_layer
-    if layer is not None and not 1 <= layer < built:
-        plan.skip = (f"{compressor.name}'s LLM layer K={layer} needs at least {layer + 1} decoder layers; the "
-                     f"model builds {built}" + (" (model.text_layers)" if built < full else ""))
+    layers = tuple(compressor.llm_layers)  # every stage must fit
+    if layers and not all(1 <= layer < built for layer in layers):
+        what = (f"LLM layer K={layers[0]} needs" if len(layers) == 1 else f"LLM layers K={list(layers)} need")
+        plan.skip = (f"{compressor.name}'s {what} at least {max(layers) + 1} decoder layers; the model builds "
+                     f"{built}" + (" (model.text_layers)" if built < full else ""))
     return plan
 
 

@@ -234,6 +234,12 @@ def test_layer_mean_by_hand_for_every_method(tiny, images, name):
     assert ((source >= 0) & (source < result.layout.num_tiles * 576)).all()
     per_token = torch.bincount(result.provenance.token)
     assert bool((per_token > 1).any()) == (name == "sparsevlm")  # only v1's recycled tokens merge sources
+    # newline tokens per layer (the cost model's input): vanilla's one per row, then only fewer
+    newlines = result.layer_newlines
+    assert newlines[0] == result.layout.valid_box().height and newlines == sorted(newlines, reverse=True)
+    assert all(n <= c for n, c in zip(newlines, counts))
+    # tokens with a source plus newline tokens: every final image token is one or the other
+    assert int(result.provenance.token.unique().numel()) + newlines[-1] == counts[-1]
 
 
 def test_provenance_compose_by_hand():
