@@ -40,6 +40,7 @@ tokens every decoder layer saw and which image-segment tokens every final image 
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,6 +218,18 @@ class _Sequence:
     pair_position: torch.Tensor
     pair_segment: torch.Tensor
     newlines: int | None = None  # newline tokens, counted once when asked
+
+
+def with_decode_mode(config: Any, stage: Any) -> Any:
+    """``config`` (a ``GenerationConfig``) with the ``generate`` arguments ``stage``'s decode mode needs
+    (``recompute``: no KV cache); a copy when there are any. ``stage``: the pipeline's LLM-stage
+    context (an ``LLMStagePruning``, or a null context for methods without an LLM stage)."""
+    extra = getattr(stage, "generate_kwargs", {})
+    if not extra:
+        return config
+    config = copy.deepcopy(config)
+    config.update(**extra)
+    return config
 
 
 class LLMStagePruning:

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from compressors.base import Compressor, Provenance, VisionInput, VisionOutput
 from compressors.geometry import AnyResLayout, layout_for_image
 from models.image_input import check_image_size, fixed_size, process_scaled, scaled_pinpoints
-from models.llm_stage import LLMStagePruning
+from models.llm_stage import LLMStagePruning, with_decode_mode
 from models.prompts import format_prompt
 from models.timing import stopwatch, synchronize
 from models.vision import encode_vision
@@ -259,9 +259,8 @@ class LlavaNextPipeline:
         clock = _PrefillClock(device)
         synchronize(device)
         start = time.perf_counter()
-        generation_config = self.generation_config(max_new_tokens, output_logits=first_token_logits)
-        for key, value in getattr(stage, "generate_kwargs", {}).items():  # e.g. no KV cache
-            setattr(generation_config, key, value)
+        generation_config = with_decode_mode(  # e.g. no KV cache
+            self.generation_config(max_new_tokens, output_logits=first_token_logits), stage)
         with stage:
             output = self.model.generate(
                 **self.model_inputs(prepared),

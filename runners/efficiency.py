@@ -68,6 +68,7 @@ from compressors import Compressor, build_compressor, get_compressor_class
 from models import LlavaNextPipeline, build_pipeline
 from models.cost import MEGA, TERA, CostConvention, CostModel, PrefillTokens, counted_flops
 from models.devices import DevicePreset, check_preset_name, resolve_preset
+from models.llm_stage import with_decode_mode
 from models.timing import DeviceClock, stopwatch
 from runners.report import console, write_csv
 from runners.store import flatten, write_json_atomic
@@ -239,8 +240,10 @@ class MethodBench:
     def decode(self) -> float:
         """Seconds per decoded token: first to last logits of a ``decode_tokens``-token generation."""
         pipeline, marks = self.pipeline, _DecodeClock(self.clock)
-        with pipeline.llm_stage(self.compressor, self.prepared):
-            pipeline.model.generate(**pipeline.model_inputs(self.prepared), generation_config=self.generation_config,
+        stage = pipeline.llm_stage(self.compressor, self.prepared)
+        config = with_decode_mode(self.generation_config, stage)  # FastV's reselect_recompute: no KV cache
+        with stage:
+            pipeline.model.generate(**pipeline.model_inputs(self.prepared), generation_config=config,
                                     logits_processor=LogitsProcessorList([marks]))
         self.decode_marks = len(marks.marks)
         return marks.seconds_per_step()

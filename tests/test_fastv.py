@@ -221,15 +221,27 @@ def test_reselect_mask_is_a_key_mask_chosen_by_each_forwards_token():
 
 
 def test_the_pipeline_generates_without_a_cache_for_reselect_recompute(tiny, images, monkeypatch):
-    seen, original = {}, tiny.model.generate
+    """The evaluator's generate and the efficiency runner's decode timing both run the mode's way."""
+    from runners.efficiency import MethodBench
+
+    seen, original = [], tiny.model.generate
 
     def generate(**kwargs):
-        seen["use_cache"] = kwargs["generation_config"].use_cache
+        seen.append(kwargs["generation_config"].use_cache)
         return original(**kwargs)
 
     monkeypatch.setattr(tiny.model, "generate", generate)
-    result = tiny.generate(images["1x2"], QUESTION, build_compressor({"name": "fastv", "decode": "reselect_recompute"}), 1)
-    assert seen["use_cache"] is False and result.visual_tokens_after == fastv_keep_count(result.visual_tokens_spliced, 0.5)
+    fastv = build_compressor({"name": "fastv", "decode": "reselect_recompute"})
+    result = tiny.generate(images["1x2"], QUESTION, fastv, 1)
+    assert seen == [False] and result.visual_tokens_after == fastv_keep_count(result.visual_tokens_spliced, 0.5)
+    bench = object.__new__(MethodBench)  # only what its decode timing reads
+    bench.pipeline, bench.compressor, bench.clock = tiny, fastv, None
+    bench.prepared, bench.generation_config = tiny.prepare(images["1x2"], QUESTION, fastv), tiny.generation_config(2)
+    monkeypatch.setattr(tiny.model, "generate", lambda **kwargs: seen.append(kwargs["generation_config"].use_cache)
+                        or 1 / 0)  # stop there: the configuration is what is checked
+    with pytest.raises(ZeroDivisionError):
+        bench.decode()
+    assert seen == [False, False] and bench.generation_config.use_cache is not False  # the base config is kept
 
 
 def test_score_dtype_model_is_eager_attentions_arithmetic():
