@@ -29,6 +29,10 @@ tokens (``score.py``'s ``2*576 + 4*300 + ...``). vtclab's ``layer_mean`` counts 
 input holds (the pruning layer itself is still full, recycled tokens count), so it reads a little
 higher. ``ratio=1`` is not the identity: the authors always drop at least one token per stage.
 
+**Paper vs code.** The paper sets each stage's count adaptively, from the rank of the attention
+matrix; the authors' code (``score.py`` at 26a5f48) has no rank computation and uses the fixed
+per-stage tables above. Only the code's version is implemented (no ``variant=authors|paper``).
+
 On LLaVA-NeXT (the authors' code is LLaVA-1.5 only) the image span is the whole packed segment,
 thumbnail, crops and newlines. ``score_dtype``: ``float32``, or ``model`` (the authors' model-dtype
 arithmetic).
