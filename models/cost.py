@@ -295,8 +295,9 @@ def llm_signal_macs(shape: DecoderShape, request: Any, length: int) -> int | Non
     ``AttentionRows`` of the last query: that query against every key, per head; with
     ``layer="stage"`` also the key projection of every token and the query projection of the row
     (with ``"previous"`` the layer's own projections are reused, already counted). Rows of a varying
-    number of queries (``"instruction"``, ``"mask"``) are not counted. ``DecoderKeys``, ``DecoderOutput`` and
-    ``PromptEmbeddings`` reuse what the layers computed (their element-wise RoPE or norm is left out).
+    number of queries (``"instruction"``, ``"mask"``) are not counted. ``DecoderKeys``,
+    ``DecoderOutput`` and ``PromptEmbeddings`` reuse what the layers computed (their element-wise RoPE
+    or norm is left out).
     """
     if isinstance(request, AttentionRows):
         if request.queries != "last":

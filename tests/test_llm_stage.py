@@ -155,7 +155,8 @@ def test_unknown_signals_are_refused(tiny, images):
         def llm_signals(self):
             return (Mystery(),)
 
-    with pytest.raises(ValueError, match="unknown LLM signal .*Mystery.*can compute: AttentionRows, DecoderKeys, DecoderOutput, PromptEmbeddings"):
+    known = "AttentionRows, DecoderKeys, DecoderOutput, PromptEmbeddings"
+    with pytest.raises(ValueError, match=f"unknown LLM signal .*Mystery.*can compute: {known}"):
         tiny.prefill_logits(images["1x2"], QUESTION, WantsMystery(_all))
 
     class Keys(VisionSignal):
