@@ -242,10 +242,12 @@ class Provenance:
     def compose(self, token: torch.Tensor, member: torch.Tensor, length: int) -> "Provenance":
         """Provenance of a new segment whose token ``token[i]`` takes the sources of this segment's
         token ``member[i]`` (a token may list several members: a merge). ``length``: this segment's
-        length. ``select`` is the one-to-one case."""
+        length. ``select`` is the one-to-one case. Weights, when given, carry over, divided among a
+        merged token's members (its value is their mean); ``space`` is kept."""
         device = self.token.device
         order = self.token.argsort(stable=True)
         sources = self.source[order]  # grouped by segment token
+        weights = None if self.weight is None else self.weight[order]
         counts = torch.bincount(self.token, minlength=length)  # [length] sources per segment token
         starts = counts.cumsum(0) - counts
         member, token = member.to(device), token.to(device)
@@ -253,10 +255,15 @@ class Provenance:
         pair = torch.arange(member.numel(), device=device).repeat_interleave(per_pair)
         first = (per_pair.cumsum(0) - per_pair).repeat_interleave(per_pair)
         within = torch.arange(pair.numel(), device=device) - first
-        new_token, new_source = token[pair], sources[starts[member][pair] + within]
+        index = starts[member][pair] + within
+        new_token, new_source = token[pair], sources[index]
         order = new_source.argsort(stable=True)
         order = order[new_token[order].argsort(stable=True)]  # by token, then source
-        return Provenance(token=new_token[order], source=new_source[order])
+        new_weight = None
+        if weights is not None:
+            members = torch.bincount(token)  # members per new token
+            new_weight = (weights[index] / members[new_token])[order]
+        return Provenance(token=new_token[order], source=new_source[order], weight=new_weight, space=self.space)
 
 
 @dataclass

@@ -95,6 +95,7 @@ class PyramidDrop(Compressor):
     """Multi-stage pruning with a geometric schedule, scored by the last token at each stage layer."""
 
     llm_positions = "contiguous"
+    llm_layer_key = "layers"  # the setting named by the depth check
 
     def __init__(self, ratio: float = 0.46875, layers: tuple[int, ...] = (8, 16, 24),
                  score_dtype: str = "float32") -> None:

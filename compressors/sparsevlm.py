@@ -134,6 +134,7 @@ class SparseVLM(Compressor):
     """Rater-guided multi-stage pruning (v1: with DPC-kNN recycling; v2: SparseVLM+)."""
 
     identity_at_full_ratio = False
+    llm_layer_key = "layers"  # the setting named by the depth check
 
     def __init__(self, ratio: float = 0.3333, layers: tuple[int, ...] = (2, 6, 15), variant: str = "v1",
                  heads: int = 14, score_dtype: str = "float32", seed: int = 0) -> None:

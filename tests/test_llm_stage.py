@@ -251,6 +251,13 @@ def test_provenance_compose_by_hand():
     # new segment: token 0 keeps segment token 3; token 1 merges segment tokens 0, 1 and 2
     got = base.compose(token=torch.tensor([0, 1, 1, 1]), member=torch.tensor([3, 0, 1, 2]), length=4)
     assert got.token.tolist() == [0, 1, 1, 1] and got.source.tolist() == [13, 10, 11, 12]
+    assert got.weight is None and got.space == "projected"
+    # weighted sources (a vision-space merge): token 1 = mean of members 0 and 1 -> halves of their weights
+    weighted = Provenance(token=torch.tensor([0, 1, 1, 3]), source=torch.tensor([10, 11, 12, 13]),
+                          weight=torch.tensor([1.0, 0.25, 0.75, 1.0]), space="vision")
+    got = weighted.compose(token=torch.tensor([0, 1, 1]), member=torch.tensor([3, 0, 1]), length=4)
+    assert got.token.tolist() == [0, 1, 1, 1] and got.source.tolist() == [13, 10, 11, 12]
+    assert got.weight.tolist() == [1.0, 0.5, 0.125, 0.375] and got.space == "vision"
 
 
 class _Decides(Compressor):
@@ -364,3 +371,20 @@ def test_signal_requests_are_checked_and_instruction_rows_are_the_text_after_the
     assert query_positions(AttentionRows(queries="last"), inp, None).tolist() == [11]
     with pytest.raises(ValueError, match=r"llm_query_mask must return a \[12\] bool tensor"):
         query_positions(AttentionRows(queries="mask"), inp, torch.ones(12))
+
+
+def test_the_depth_check_covers_every_stage():
+    """The runners' pre-flight check (``check_llm_depth``) refuses any stage beyond the model's depth and
+    names the method's own setting; SparseVLM prunes after its layers, so its stages run one later."""
+    pdrop = build_compressor({"name": "pdrop", "layers": [1, 2, 4]})
+    with pytest.raises(ValueError, match=r"compressor\.layers=\[1, 2, 4\] is beyond the model's depth: it has 4 "
+                                         r"decoder layers \(0\.\.3\)"):
+        pdrop.check_llm_depth(4)
+    pdrop.check_llm_depth(5)
+    sparsevlm = build_compressor({"name": "sparsevlm", "layers": [0, 1, 3]})
+    with pytest.raises(ValueError, match=r"compressor\.layers=\[0, 1, 3\] .* stages run at decoder layers \[1, 2, 4\]"):
+        sparsevlm.check_llm_depth(4)
+    sparsevlm.check_llm_depth(5)
+    with pytest.raises(ValueError, match=r"^compressor\.layer=4 is beyond .* below 4$"):
+        build_compressor({"name": "dart", "layer": 4}).check_llm_depth(4)
+    build_compressor({"name": "pdrop", "ratio": 1.0}).check_llm_depth(1)  # no stage at ratio 1: nothing to check
