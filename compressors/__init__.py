@@ -5,12 +5,16 @@ Every module in this package is imported here, so a new compressor is one file t
 """
 
 from compressors.base import (
+    AttentionRows,
     ClsAttention,
     Compressor,
-    LastTokenAttention,
-    LayerKeys,
+    DecoderKeys,
+    DecoderOutput,
+    LLMDecision,
     LLMInput,
     LLMSignal,
+    LayerKeys,
+    PromptEmbeddings,
     Provenance,
     VisionInput,
     VisionOutput,
@@ -25,13 +29,17 @@ import_submodules(__name__, __path__, skip={"base", "budget", "geometry", "packi
 
 __all__ = [
     "AnyResLayout",
+    "AttentionRows",
     "Budget",
     "ClsAttention",
     "Compressor",
+    "DecoderKeys",
+    "DecoderOutput",
+    "LLMDecision",
     "LLMInput",
     "LLMSignal",
-    "LastTokenAttention",
     "LayerKeys",
+    "PromptEmbeddings",
     "Provenance",
     "VisionInput",
     "VisionOutput",

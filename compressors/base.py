@@ -9,11 +9,13 @@ it uses and inherits the pass-through for the other one:
   layout (and, for methods that merge in CLIP space, the vision tower's features and the
   projector) and returns the token segment spliced into the prompt (GlobalCom2, HiRED, VisionZip,
   ...).
-* **LLM stage** (``llm_layer`` + ``select_llm_tokens``): at the input of decoder layer K, during
-  prefill, picks which sequence positions the layers from K on keep (FastV, ...).
+* **LLM stage** (``llm_layers`` + ``select_llm_tokens``): during prefill, at the input of each
+  decoder layer in ``llm_layers`` (one stage each), sees the current sequence and decides which
+  positions the following layers keep, optionally adding merged tokens (FastV, PyramidDrop,
+  SparseVLM, DART, ...).
 
-Expensive signals (a vision layer's [CLS] attention, the last prompt token's attention inside the
-LLM) are computed by the pipeline only when a compressor lists them in ``vision_signals`` /
+Expensive signals (a vision layer's [CLS] attention, attention rows inside the LLM, a layer's keys)
+are computed by the pipeline only when a compressor lists them in ``vision_signals`` /
 ``llm_signals``; the default path keeps SDPA everywhere and computes nothing extra.
 """
 
@@ -59,6 +61,16 @@ class ClsAttention(VisionSignal):
     """
 
 
+LLM_SIGNAL_LAYERS = ("previous", "stage")
+LLM_SIGNAL_QUERIES = ("last", "instruction", "mask")
+LLM_SIGNAL_DTYPES = ("float32", "model")
+
+
+def _check_choice(owner: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}.{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class LayerKeys(VisionSignal):
     """Key projections of one vision-tower layer, per head, for every token ([CLS] first).
@@ -70,16 +82,56 @@ class LayerKeys(VisionSignal):
 
 @dataclass(frozen=True)
 class LLMSignal:
-    """Base of LLM-stage signals; each type has one provider in ``models.llm_stage``."""
+    """Base of LLM-stage signals: a frozen request, computed at every stage of the compressor that
+    lists it, by the provider registered for its exact type (``models.llm_signals``)."""
 
 
 @dataclass(frozen=True)
-class LastTokenAttention(LLMSignal):
-    """Post-softmax attention of the last prompt token at decoder layer ``llm_layer - 1``, per head.
+class AttentionRows(LLMSignal):
+    """Post-softmax attention of chosen query tokens over the current sequence, per head, from a
+    layer's own q/k projections (SDPA stays on; nothing runs eager).
 
-    Value in ``LLMInput.signals[request]`` (and ``LLMInput.attention``): ``[batch, heads, seq]``
-    (rows sum to 1 over unmasked keys).
+    Attributes:
+        layer: ``"previous"``: layer K-1, the layer whose output enters the stage, as it ran (its
+            q_proj/k_proj outputs, RoPE, causal mask); ``"stage"``: layer K's input norm and q/k
+            projections applied to the stage input (what PyramidDrop recomputes).
+        queries: ``"last"``: the last position; ``"instruction"``: every text position after the
+            last image token; ``"mask"``: the positions ``Compressor.llm_query_mask`` returns.
+        dtype: ``"float32"``: q.k, softmax and everything after in float32; ``"model"``: q.k in the
+            model dtype and the softmax rounded back to it, as eager attention (and the authors'
+            code) computes it. In float32 models the two are the same.
+
+    Value: ``[1, heads, Q, L]`` (rows sum to 1 over the causal, unpadded keys), queries in sequence order.
     """
+
+    layer: str = "previous"
+    queries: str = "last"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_choice("AttentionRows", "layer", self.layer, LLM_SIGNAL_LAYERS)
+        _check_choice("AttentionRows", "queries", self.queries, LLM_SIGNAL_QUERIES)
+        _check_choice("AttentionRows", "dtype", self.dtype, LLM_SIGNAL_DTYPES)
+
+
+@dataclass(frozen=True)
+class DecoderKeys(LLMSignal):
+    """Layer K-1's keys after RoPE, as its attention used them: ``[1, heads, L, head_dim]`` (GQA key
+    heads repeated to the query heads, as eager attention does), model dtype."""
+
+
+@dataclass(frozen=True)
+class DecoderOutput(LLMSignal):
+    """Layer K-1's output hidden states (the stage input), ``[1, L, D]``; with ``normed=True`` passed
+    through the model's final norm (what DART compares)."""
+
+    normed: bool = False
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings(LLMSignal):
+    """The prefill's input to decoder layer 0 (text embeddings with the image segment spliced in),
+    ``[1, L0, D]`` indexed by original prefill position (``LLMInput.original_positions``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +239,32 @@ class Provenance:
         weight = None if self.weight is None else self.weight[keep]
         return Provenance(token=mapped[keep], source=self.source[keep], weight=weight, space=self.space)
 
+    def compose(self, token: torch.Tensor, member: torch.Tensor, length: int) -> "Provenance":
+        """Provenance of a new segment whose token ``token[i]`` takes the sources of this segment's
+        token ``member[i]`` (a token may list several members: a merge). ``length``: this segment's
+        length. ``select`` is the one-to-one case. Weights, when given, carry over, divided among a
+        merged token's members (its value is their mean); ``space`` is kept."""
+        device = self.token.device
+        order = self.token.argsort(stable=True)
+        sources = self.source[order]  # grouped by segment token
+        weights = None if self.weight is None else self.weight[order]
+        counts = torch.bincount(self.token, minlength=length)  # [length] sources per segment token
+        starts = counts.cumsum(0) - counts
+        member, token = member.to(device), token.to(device)
+        per_pair = counts[member]  # [P]
+        pair = torch.arange(member.numel(), device=device).repeat_interleave(per_pair)
+        first = (per_pair.cumsum(0) - per_pair).repeat_interleave(per_pair)
+        within = torch.arange(pair.numel(), device=device) - first
+        index = starts[member][pair] + within
+        new_token, new_source = token[pair], sources[index]
+        order = new_source.argsort(stable=True)
+        order = order[new_token[order].argsort(stable=True)]  # by token, then source
+        new_weight = None
+        if weights is not None:
+            members = torch.bincount(token)  # members per new token
+            new_weight = (weights[index] / members[new_token])[order]
+        return Provenance(token=new_token[order], source=new_source[order], weight=new_weight, space=self.space)
+
 
 @dataclass
 class VisionOutput:
@@ -209,21 +287,74 @@ class VisionOutput:
 
 @dataclass
 class LLMInput:
-    """The prefill sequence at the input of decoder layer ``llm_layer`` (batch size 1).
+    """The prefill sequence at the input of one stage's decoder layer K (batch size 1).
 
     Attributes:
-        hidden_states: ``[1, L, D]`` input of layer K.
-        image_mask: ``[1, L]`` bool, True at image-token positions (thumbnail, crops, newlines).
-        position_ids: ``[1, L]`` position ids of the sequence.
-        attention: ``[1, heads, L]`` the ``LastTokenAttention`` value, if requested, else None.
+        hidden_states: ``[1, L, D]`` input of layer K (the output of layer K-1).
+        image_mask: ``[1, L]`` bool, True at image tokens (thumbnail, crops, newlines, merged tokens).
+        position_ids: ``[1, L]`` position ids the current sequence ran with.
         signals: every requested LLM signal's value, keyed by its request.
+        stage: index of this stage in ``llm_layers``; ``layer``: its decoder layer K.
+        num_layers: the decoder's depth.
+        original_positions: ``[L]`` prefill position each current token came from (-1 for a token a
+            stage merged).
+        position_embeddings: ``(cos, sin)``, each ``[1, L, head_dim]``, of ``position_ids``.
+        prefill_image_tokens: image tokens of the prefill, before any stage.
+        state: scratch space shared by the stages of one prefill (e.g. a seeded generator).
     """
 
     hidden_states: torch.Tensor
     image_mask: torch.Tensor
     position_ids: torch.Tensor
-    attention: torch.Tensor | None = None
-    signals: dict[Any, torch.Tensor] = field(default_factory=dict)
+    signals: dict[Any, Any] = field(default_factory=dict)
+    stage: int = 0
+    layer: int = 0
+    num_layers: int = 0
+    original_positions: torch.Tensor | None = None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    prefill_image_tokens: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.image_mask.sum())
+
+    def image_span(self) -> tuple[int, int]:
+        """``(start, end)`` of the image tokens, which must be one contiguous run (one image)."""
+        positions = self.image_mask[0].nonzero().flatten()
+        if positions.numel() == 0:
+            raise ValueError("the sequence has no image tokens")
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        if end - start != positions.numel():
+            raise ValueError("the image tokens must be one contiguous run (one image per prompt)")
+        return start, end
+
+
+@dataclass
+class LLMDecision:
+    """What one LLM stage does to the current sequence.
+
+    Attributes:
+        keep: ``[k]`` sorted positions of the current sequence that the next layers keep (every text
+            position and the last position must be among them).
+        merged: ``[M, D]`` new image tokens (merged or recycled), or None.
+        merged_at: index, in the new sequence, of the first merged token (they are contiguous).
+        merged_token / merged_member: ``[P]`` pairs: merged token ``merged_token[i]`` (0..M-1)
+            summarises current position ``merged_member[i]`` (its provenance).
+        merged_position_ids: ``[M]`` their position ids; needed when the compressor keeps original
+            position ids (with contiguous re-indexing the sequence is renumbered anyway).
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+    merged_at: int = 0
+    merged_token: torch.Tensor | None = None
+    merged_member: torch.Tensor | None = None
+    merged_position_ids: torch.Tensor | None = None
+
+    @property
+    def num_merged(self) -> int:
+        return 0 if self.merged is None else int(self.merged.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +392,15 @@ class Compressor:
         uses_projected_features: False for methods that merge in the vision tower's space and
             project only their output (``VisionInput.features`` is then None).
         vision_signals / llm_signals: the signals the pipeline must compute for this compressor.
-        llm_layer: decoder layer K at whose input ``select_llm_tokens`` runs; None = no LLM stage.
+        llm_layers: decoder layers at whose input ``select_llm_tokens`` runs, one stage each,
+            ascending; ``()`` = no LLM stage (``llm_layer`` is the first one).
+        llm_positions: ``"original"``: tokens keep their prefill position ids (FastV, DART, SparseVLM
+            v2); ``"contiguous"``: the sequence is renumbered after every stage, and decoding
+            continues that numbering per layer (PyramidDrop, SparseVLM v1).
+        llm_decode: ``"prefill_once"`` selects at prefill and decodes on the pruned caches;
+            ``"recompute"`` decodes without a KV cache, every step re-running and re-selecting;
+            ``"mask"`` (one stage) keeps every token, re-selects at every forward from the current
+            last token and masks the other image tokens as keys from layer K on.
         budget: what ``ratio`` means for this method (``Budget``), or None where not declared.
     """
 
@@ -304,24 +443,50 @@ class Compressor:
         return pack_spatial(inp.features, inp.layout, inp.newline)
 
     # -- LLM stage -------------------------------------------------------------------------------
-    llm_layer: int | None = None
-    llm_layer_key: ClassVar[str] = "layer"  # the config key that sets llm_layer, for error messages
+    llm_layers: tuple[int, ...] = ()
+    llm_layer_key: ClassVar[str] = "layer"  # the config key that sets the stage layers, for error messages
+    llm_positions: str = "original"  # or "contiguous": re-index 0..L'-1 after every stage
+    llm_decode: str = "prefill_once"  # or "recompute" (no KV cache) or "mask" (see models.llm_stage)
+
+    @property
+    def llm_layer(self) -> int | None:
+        """The first stage's decoder layer K (None: no LLM stage). Setting it makes one stage at K."""
+        return self.llm_layers[0] if self.llm_layers else None
+
+    @llm_layer.setter
+    def llm_layer(self, layer: int | None) -> None:
+        self.llm_layers = () if layer is None else (layer,)
 
     def check_llm_depth(self, num_layers: int) -> None:
-        """Fail before the first sample when the LLM stage needs a decoder layer the model lacks
-        (runners call this with the depth read from the model's config, before loading weights)."""
-        if self.llm_layer is not None and not self.llm_layer < num_layers:
+        """Fail before the first sample when a stage needs a decoder layer the model lacks (runners
+        call this with the depth read from the model's config, before loading weights). Every stage
+        of ``llm_layers`` is checked; the message shows the setting as configured."""
+        beyond = [layer for layer in self.llm_layers if not layer < num_layers]
+        if beyond:
+            setting = getattr(self, self.llm_layer_key, self.llm_layer)
+            setting = list(setting) if isinstance(setting, (list, tuple)) else setting
+            stages = (f" (its stages run at decoder layers {list(self.llm_layers)})"
+                      if len(self.llm_layers) > 1 or setting != self.llm_layers[0] else "")
             raise ValueError(
-                f"compressor.{self.llm_layer_key}={self.llm_layer} is beyond the model's depth: it has {num_layers} "
+                f"compressor.{self.llm_layer_key}={setting} is beyond the model's depth: it has {num_layers} "
                 f"decoder layers (0..{num_layers - 1}), so the LLM stage must run at a layer below {num_layers}"
+                + stages
             )
 
     @property
     def llm_signals(self) -> tuple[LLMSignal, ...]:
+        """Signals computed at every LLM stage (relative to that stage's layer K)."""
         return ()
 
-    def select_llm_tokens(self, inp: LLMInput) -> torch.Tensor:
-        """Sorted sequence positions ``[L']`` that layers ``llm_layer..`` keep. Default: all."""
+    def llm_query_mask(self, inp: LLMInput) -> torch.Tensor:
+        """``[L]`` bool: the query rows of ``AttentionRows(queries="mask")`` (signals other than
+        attention rows are already in ``inp.signals``)."""
+        raise NotImplementedError(f"{type(self).__name__} asks for AttentionRows(queries='mask') but does not "
+                                  "implement llm_query_mask")
+
+    def select_llm_tokens(self, inp: LLMInput) -> torch.Tensor | LLMDecision:
+        """The positions the layers from this stage on keep (a sorted ``[L']`` tensor), or an
+        ``LLMDecision`` that also adds merged tokens. Default: all."""
         return torch.arange(inp.hidden_states.shape[1], device=inp.hidden_states.device)
 
     # -- reporting -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from compressors.base import ClsAttention, LastTokenAttention, LayerKeys
+from compressors.base import AttentionRows, ClsAttention, DecoderKeys, DecoderOutput, LayerKeys, PromptEmbeddings
 from models.vision import vision_layers_run
 
 TERA = 1e12
@@ -290,13 +290,24 @@ def vision_signal_macs(shape: VisionShape, request: Any) -> int | None:
 
 
 def llm_signal_macs(shape: DecoderShape, request: Any, length: int) -> int | None:
-    """MACs of one LLM signal over a ``length``-token prefill (None for an unknown type).
+    """MACs of one LLM signal at one stage whose input has ``length`` tokens (None: not counted).
 
-    ``LastTokenAttention``: the last query against every key, per head (q and k are the layer's own
-    projections, already counted).
+    ``AttentionRows`` of the last query: that query against every key, per head; with
+    ``layer="stage"`` also the key projection of every token and the query projection of the row
+    (with ``"previous"`` the layer's own projections are reused, already counted). Rows of a varying
+    number of queries (``"instruction"``, ``"mask"``) are not counted. ``DecoderKeys``,
+    ``DecoderOutput`` and ``PromptEmbeddings`` reuse what the layers computed (their element-wise RoPE
+    or norm is left out).
     """
-    if isinstance(request, LastTokenAttention):
-        return shape.heads * shape.head_dim * length
+    if isinstance(request, AttentionRows):
+        if request.queries != "last":
+            return None
+        macs = shape.heads * shape.head_dim * length
+        if request.layer == "stage":
+            macs += shape.hidden * shape.kv_heads * shape.head_dim * length + shape.hidden * shape.heads * shape.head_dim
+        return macs
+    if isinstance(request, (DecoderKeys, DecoderOutput, PromptEmbeddings)):
+        return 0
     return None
 
 
@@ -335,7 +346,7 @@ class CostModel:
                  compressor: Any = None) -> None:
         self.vision_signals = tuple(compressor.vision_signals) if compressor is not None else ()
         self.llm_signals = tuple(compressor.llm_signals) if compressor is not None else ()
-        self.llm_layer = compressor.llm_layer if compressor is not None else None
+        self.llm_layers = tuple(compressor.llm_layers) if compressor is not None else ()
         # methods that merge in CLIP space project only the tokens they emit
         self.projects_own_output = compressor is not None and not compressor.uses_projected_features
         self.decoder = DecoderShape.from_config(config.text_config)
@@ -349,11 +360,12 @@ class CostModel:
                           stacklevel=2)
 
     def prefill(self, tokens: PrefillTokens) -> dict[str, int]:
-        """Prefill FLOPs by op (``prefill_flops``), plus the LLM signals at layer K-1's input length."""
+        """Prefill FLOPs by op (``prefill_flops``), plus the LLM signals of every stage at its input
+        length (layer K-1's)."""
         flops = prefill_flops(self.decoder, tokens, self.convention)
-        if self.llm_signals:
-            length = tokens.layer_lengths[self.llm_layer - 1]
-            macs = sum(llm_signal_macs(self.decoder, r, length) or 0 for r in self.llm_signals)
+        if self.llm_signals and self.llm_layers:
+            lengths = [tokens.layer_lengths[layer - 1] for layer in self.llm_layers]
+            macs = sum(llm_signal_macs(self.decoder, r, n) or 0 for r in self.llm_signals for n in lengths)
             flops["signals"] = self.convention.flops_per_mac * macs
             flops["total"] += flops["signals"]
         return flops

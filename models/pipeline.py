@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from compressors.base import Compressor, Provenance, VisionInput, VisionOutput
 from compressors.geometry import AnyResLayout, layout_for_image
 from models.image_input import check_image_size, fixed_size, process_scaled, scaled_pinpoints
-from models.llm_stage import LLMStagePruning
+from models.llm_stage import LLMStagePruning, with_decode_mode
 from models.prompts import format_prompt
 from models.timing import stopwatch, synchronize
 from models.vision import encode_vision
@@ -203,7 +203,10 @@ class LlavaNextPipeline:
         if compressor.llm_layer is None:
             return contextlib.nullcontext()
         image_mask = prepared.input_ids == self.image_token_id  # [1, N']
-        return LLMStagePruning(self.model.model.language_model, compressor, image_mask, timed=timed)
+        newlines = torch.ones(prepared.segment.num_tokens, dtype=torch.bool)  # segment tokens without a source
+        newlines[prepared.segment.provenance.token.cpu()] = False
+        return LLMStagePruning(self.model.model.language_model, compressor, image_mask, timed=timed,
+                               segment_newlines=newlines)
 
     def model_inputs(self, prepared: PreparedPrompt) -> dict:
         """Keyword arguments for the model's ``forward``/``generate`` on a prepared prompt."""
@@ -256,10 +259,12 @@ class LlavaNextPipeline:
         clock = _PrefillClock(device)
         synchronize(device)
         start = time.perf_counter()
+        generation_config = with_decode_mode(  # e.g. no KV cache
+            self.generation_config(max_new_tokens, output_logits=first_token_logits), stage)
         with stage:
             output = self.model.generate(
                 **self.model_inputs(prepared),
-                generation_config=self.generation_config(max_new_tokens, output_logits=first_token_logits),
+                generation_config=generation_config,
                 logits_processor=LogitsProcessorList([clock]),
             )
         synchronize(device)
@@ -281,10 +286,8 @@ class LlavaNextPipeline:
         if isinstance(stage, LLMStagePruning):  # the hook counted; read its record
             record = stage.record
             after, layer_mean = record.kept_image_tokens, record.image_tokens_layer_mean
-            provenance = provenance.select(record.kept_segment_index, spliced)
-            layer_lengths = list(record.layer_lengths)
-            kept_newlines = after - int(provenance.token.unique().numel())  # newlines have no source
-            layer_newlines[stage.layer:] = [kept_newlines] * (num_layers - stage.layer)
+            provenance = provenance.compose(record.image_token, record.segment_index, spliced)
+            layer_lengths, layer_newlines = list(record.layer_lengths), list(record.layer_newlines)
         return GenerationResult(
             text=text,
             new_tokens=int(new_ids.numel()),

@@ -68,6 +68,7 @@ from compressors import Compressor, build_compressor, get_compressor_class
 from models import LlavaNextPipeline, build_pipeline
 from models.cost import MEGA, TERA, CostConvention, CostModel, PrefillTokens, counted_flops
 from models.devices import DevicePreset, check_preset_name, resolve_preset
+from models.llm_stage import with_decode_mode
 from models.timing import DeviceClock, stopwatch
 from runners.report import console, write_csv
 from runners.store import flatten, write_json_atomic
@@ -142,10 +143,11 @@ def check_arguments(cfg: DictConfig) -> Plan:
     plan = Plan(compressor, convention, model_cfg, built, full)
     if swept_fixed:
         plan.skip = f"{compressor.name} has a fixed ratio ({fixed}); every job measures vanilla beside its compressor"
-    layer = compressor.llm_layer
-    if layer is not None and not 1 <= layer < built:
-        plan.skip = (f"{compressor.name}'s LLM layer K={layer} needs at least {layer + 1} decoder layers; the "
-                     f"model builds {built}" + (" (model.text_layers)" if built < full else ""))
+    layers = tuple(compressor.llm_layers)  # every stage must fit
+    if layers and not all(1 <= layer < built for layer in layers):
+        what = (f"LLM layer K={layers[0]} needs" if len(layers) == 1 else f"LLM layers K={list(layers)} need")
+        plan.skip = (f"{compressor.name}'s {what} at least {max(layers) + 1} decoder layers; the model builds "
+                     f"{built}" + (" (model.text_layers)" if built < full else ""))
     return plan
 
 
@@ -238,8 +240,10 @@ class MethodBench:
     def decode(self) -> float:
         """Seconds per decoded token: first to last logits of a ``decode_tokens``-token generation."""
         pipeline, marks = self.pipeline, _DecodeClock(self.clock)
-        with pipeline.llm_stage(self.compressor, self.prepared):
-            pipeline.model.generate(**pipeline.model_inputs(self.prepared), generation_config=self.generation_config,
+        stage = pipeline.llm_stage(self.compressor, self.prepared)
+        config = with_decode_mode(self.generation_config, stage)  # FastV's reselect_recompute: no KV cache
+        with stage:
+            pipeline.model.generate(**pipeline.model_inputs(self.prepared), generation_config=config,
                                     logits_processor=LogitsProcessorList([marks]))
         self.decode_marks = len(marks.marks)
         return marks.seconds_per_step()

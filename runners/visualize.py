@@ -51,7 +51,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: E402
 
 import runners.resolvers  # noqa: F401,E402  (OmegaConf resolvers)
 import runners.schema  # noqa: F401,E402  (model schemas)
-from compressors import ClsAttention, Compressor, LastTokenAttention, Provenance, build_compressor  # noqa: E402
+from compressors import AttentionRows, ClsAttention, Compressor, Provenance, build_compressor  # noqa: E402
 from compressors.geometry import AnyResLayout  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class StageCapture:
 
     vision_input: Any = None  # VisionInput (features, layout, signals)
     vision_output: Any = None  # VisionOutput (the spliced segment and its provenance)
-    llm_input: Any = None  # LLMInput (attention row, image mask), LLM-stage methods only
+    llm_input: Any = None  # LLMInput of the first LLM stage (attention rows, image mask), LLM-stage methods only
 
 
 @contextlib.contextmanager
@@ -85,7 +85,8 @@ def capture_stages(compressor: Compressor) -> Iterator[StageCapture]:
         return capture.vision_output
 
     def select_llm_tokens(inp):
-        capture.llm_input = inp
+        if capture.llm_input is None:  # the first stage sees the whole image segment, in segment order
+            capture.llm_input = inp
         return select(inp)
 
     compressor.compress_vision, compressor.select_llm_tokens = compress_vision, select_llm_tokens
@@ -204,16 +205,17 @@ def score_maps(compressor: Compressor, capture: StageCapture, layout: AnyResLayo
     llm = capture.llm_input
     if llm is not None:
         for request, value in llm.signals.items():
-            if not isinstance(request, LastTokenAttention):
+            if not isinstance(request, AttentionRows):
                 log.info("no heat map for LLM signal %r", request)
                 continue
-            row = value[0].float().mean(0).cpu()  # [L] head mean
+            row = value[0].float().mean(0).mean(0).cpu()  # [1, H, Q, L] -> [L]: head mean, then query mean
             segment = row[llm.image_mask[0].cpu()]  # [S] in segment order
             provenance = capture.vision_output.provenance
             values = torch.full((layout.num_tiles * layout.tokens_per_tile,), float("nan"))
             values[provenance.source.cpu()] = segment[provenance.token.cpu()]
-            layer = getattr(compressor, "llm_layer", None)
-            maps.append(ScoreMap(f"last prompt token's attention at decoder layer {layer - 1} (head mean)",
+            layer = compressor.llm_layer - (request.layer == "previous")  # the first stage's scoring layer
+            queries = {"last": "last prompt token's", "instruction": "instruction tokens'", "mask": "chosen queries'"}
+            maps.append(ScoreMap(f"{queries[request.queries]} attention at decoder layer {layer} (head mean)",
                                  values.view(layout.num_tiles, layout.tokens_per_tile), per_tile=False))
     return maps
 

@@ -101,19 +101,21 @@ def images() -> dict[str, Image.Image]:
     return {grid: random_image(h, w, seed=i) for i, (grid, (h, w)) in enumerate(IMAGE_SIZES.items())}
 
 
-def masked_reference_logits(model, embeds, keep, prefill_length, layer_k):
+def masked_reference_logits(model, embeds, keep, prefill_length, layer_k, late=None):
     """Cache-free FastV by masking: layers >= K may attend only to kept prefill positions and to
     every position after the prefill (the generated tokens). Written from the definition, without
-    the pruning hook. Returns logits ``[1, N, V]``; rows of pruned positions are meaningless."""
+    the pruning hook. ``late``: an ``[N, N]`` bool mask (query row, key) to use for layers >= K instead
+    (no causal or diagonal added). Returns logits ``[1, N, V]``; rows of pruned positions are meaningless."""
     lm = model.model.language_model
     length = embeds.shape[1]
     positions = torch.arange(length)[None]
     cos_sin = lm.rotary_emb(embeds, positions)
     causal = torch.ones(length, length).tril().bool()
-    allowed = torch.zeros(length, dtype=torch.bool)
-    allowed[keep] = True
-    allowed[prefill_length:] = True
-    late = (causal & allowed[None, :]) | torch.eye(length, dtype=torch.bool)
+    if late is None:
+        allowed = torch.zeros(length, dtype=torch.bool)
+        allowed[keep] = True
+        allowed[prefill_length:] = True
+        late = (causal & allowed[None, :]) | torch.eye(length, dtype=torch.bool)
     neg = torch.finfo(embeds.dtype).min
     masks = [torch.zeros(length, length).masked_fill(~m, neg)[None, None] for m in (causal, late)]
     hidden = embeds

@@ -121,6 +121,9 @@ BUDGETS = {
     "random": _budget_random,
     "pooling": _budget_pooling,
     "fastv": _budget_none,
+    "pdrop": _budget_none,
+    "sparsevlm": _budget_none,
+    "dart": _budget_none,
     "globalcom2": _budget_globalcom2,
     "hired": _budget_hired,
     "fastervlm": _budget_per_view,
@@ -193,8 +196,9 @@ def test_vision_output_properties(name, layout):
             assert source.unique().numel() == source.numel()
 
 
-@pytest.mark.parametrize("name", list_compressors())
+@pytest.mark.parametrize("name", [n for n in list_compressors() if build_compressor({"name": n}).llm_layer is None])
 def test_full_ratio_identity_claims_are_true(name):
+    """Vision-stage methods; the LLM-stage ones are checked at their stage below."""
     cls = get_compressor_class(name)
     outcomes = []
     for layout in PROPERTY_LAYOUTS:
@@ -283,30 +287,91 @@ def test_config_file_keys_are_constructor_arguments(name):
 
 
 LLM_STAGE = [n for n in list_compressors() if build_compressor({"name": n}).llm_layer is not None]
-# name -> {ratio: image tokens kept of the 233-token span below}, worked out by hand from each paper's rule.
-# fastv: round(233 (1 - R)) with R = 1 - r in floats: 233, 174.75 -> 175, 116.5 -> 116 (half to even),
-# 58.25 -> 58, and 233 x 0.0999... = 23.29... -> 23.
-LLM_BUDGETS = {"fastv": {1.0: 233, 0.75: 175, 0.5: 116, 0.25: 58, 0.1: 23}}
+SPAN, DEPTH = 233, 100  # image tokens of the synthetic stage input; decoder depth it claims
+
+
+def _llm_budget_fastv(ratio):
+    # round(233 (1 - R)) with R = 1 - r in floats: 233, 174.75 -> 175, 116.5 -> 116 (half to even),
+    # 58.25 -> 58, and 233 x 0.0999... = 23.29... -> 23.
+    return {1.0: 233, 0.75: 175, 0.5: 116, 0.25: 58, 0.1: 23}[ratio]
+
+
+def _llm_budget_pdrop(ratio):
+    # stages 8/16/24 of 100 layers: (8 + 8 l + 8 l^2 + 76 l^3) / 100 = r, the real root in [0, 1]
+    import numpy as np
+
+    roots = np.roots([76, 8, 8, 8 - 100 * ratio])
+    lam = min(r.real for r in roots if abs(r.imag) < 1e-9 and -1e-9 <= r.real <= 1 + 1e-9)
+    return math.floor(SPAN * lam + 1e-9)
+
+
+def _llm_budget_sparsevlm(ratio):
+    # the 192 table (300, 200, 110 of 576) scaled so that (2 + 4 f1 + 9 f2 + 85 f3) / 100 = r, at most
+    # N - 1 kept; v1 recycles int(0.3 pruned) + 1 of the rest into int(m / 10) + 1 tokens
+    scale = (ratio * DEPTH - 2) / ((4 * 300 + 9 * 200 + 85 * 110) / 576)
+    kept = min(round(SPAN * scale * 300 / 576), SPAN - 1)
+    recycled = int((SPAN - kept) * 0.3) + 1
+    return kept + int(recycled / 10) + 1
+
+
+def _llm_budget_dart(ratio):
+    # 4 image pivots + 8 pivots x int(min(N r, N - 4) // 8)
+    return 4 + 8 * int(min(SPAN * ratio, SPAN - 4) // 8)
+
+
+# name -> image tokens after the first stage for the synthetic input, written out from each paper's rule.
+LLM_BUDGETS = {"fastv": _llm_budget_fastv, "pdrop": _llm_budget_pdrop, "sparsevlm": _llm_budget_sparsevlm,
+               "dart": _llm_budget_dart}
 
 
 def test_every_llm_stage_compressor_documents_its_budget():
-    assert set(LLM_STAGE) <= set(LLM_BUDGETS) and "fastv" in LLM_STAGE
+    assert set(LLM_STAGE) <= set(LLM_BUDGETS) and {"fastv", "pdrop", "sparsevlm", "dart"} <= set(LLM_STAGE)
+
+
+def _stage_input(compressor: Compressor, seed: int = 0) -> LLMInput:
+    """A first-stage input with random values for every signal the compressor declares."""
+    from compressors import AttentionRows, DecoderKeys, DecoderOutput, PromptEmbeddings
+    from models.llm_signals import query_positions
+
+    gen = torch.Generator().manual_seed(seed)
+    length, start, heads, head_dim = 300, 17, 16, 8
+    image_mask = torch.zeros(1, length, dtype=torch.bool)
+    image_mask[0, start:start + SPAN] = True
+    positions = torch.arange(length)
+    angles = positions[:, None] / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+    angles = torch.cat([angles, angles], dim=-1)[None]  # [1, L, d]
+    hidden = torch.randn(1, length, 8, generator=gen)
+    inp = LLMInput(hidden_states=hidden, image_mask=image_mask, position_ids=positions[None], num_layers=DEPTH,
+                   layer=compressor.llm_layers[0] if compressor.llm_layers else 1, original_positions=positions,
+                   position_embeddings=(angles.cos(), angles.sin()), prefill_image_tokens=SPAN)
+    values = {DecoderKeys: lambda r: torch.randn(1, heads, length, head_dim, generator=gen),
+              DecoderOutput: lambda r: torch.randn(1, length, 8, generator=gen), PromptEmbeddings: lambda r: hidden}
+    for request in compressor.llm_signals:
+        if type(request) in values:
+            inp.signals[request] = values[type(request)](request)
+    for request in compressor.llm_signals:
+        if isinstance(request, AttentionRows):
+            mask = compressor.llm_query_mask(inp) if request.queries == "mask" else None
+            rows = query_positions(request, inp, mask)
+            inp.signals[request] = torch.rand(1, heads, rows.numel(), length, generator=gen).softmax(-1)
+    return inp
 
 
 @pytest.mark.parametrize("name", LLM_STAGE)
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_llm_stage_selection_properties(name, ratio):
+    from compressors import LLMDecision
+
     compressor = _build(name, ratio)
-    gen = torch.Generator().manual_seed(0)
-    length, start, span = 300, 17, 233
-    image_mask = torch.zeros(1, length, dtype=torch.bool)
-    image_mask[0, start:start + span] = True
-    attention = torch.rand(1, 4, length, generator=gen).softmax(-1)
-    keep = compressor.select_llm_tokens(LLMInput(
-        hidden_states=torch.randn(1, length, 8, generator=gen), image_mask=image_mask,
-        position_ids=torch.arange(length)[None], attention=attention))
+    inp = _stage_input(compressor)
+    answer = compressor.select_llm_tokens(inp)
+    decision = answer if isinstance(answer, LLMDecision) else LLMDecision(keep=answer)
+    keep, length, start = decision.keep, inp.image_mask.shape[1], 17
     assert torch.equal(keep, keep.sort().values) and keep.unique().numel() == keep.numel()
     assert ((keep >= 0) & (keep < length)).all()
-    assert set(range(start)) | set(range(start + span, length)) <= set(keep.tolist())  # text kept
-    kept_image = int(image_mask[0, keep].sum())
-    assert kept_image == LLM_BUDGETS[name][ratio]
+    assert set(range(start)) | set(range(start + SPAN, length)) <= set(keep.tolist())  # text kept
+    kept_image = int(inp.image_mask[0, keep].sum())
+    assert kept_image + decision.num_merged == LLM_BUDGETS[name](ratio), (name, ratio)
+    if ratio == 1.0:  # the identity claim, at the stage: every image token, nothing merged
+        identity = kept_image == SPAN and decision.num_merged == 0
+        assert identity == get_compressor_class(name).identity_at_full_ratio, name

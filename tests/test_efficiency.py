@@ -59,7 +59,8 @@ def test_efficiency_smoke_on_the_tiny_model(compose_efficiency, tiny, tmp_path):
     record = run_efficiency(cfg, tmp_path / "job", pipeline=tiny)
     m, v, t, tv = record["measured"], record["vanilla"]["measured"], record["theory"], record["vanilla"]["theory"]
     tokens = record["tokens"]
-    assert record["skipped"] is None and record["compressor"] == {"name": "fastv", "ratio": 0.5, "layer": 2}
+    assert record["skipped"] is None and record["compressor"] == {"name": "fastv", "ratio": 0.5, "layer": 2,
+                                                                   "decode": "prefill_once", "score_dtype": "float32"}
     assert tokens["visual_after"] == round(tokens["visual_spliced"] * 0.5) < tokens["visual_before"]
     assert tokens["visual_layer_mean"] == (2 * tokens["visual_spliced"] + 2 * tokens["visual_after"]) / 4
     for part in ("vision_s", "prefill_s", "decode_s_per_token", "llm_stage_s"):

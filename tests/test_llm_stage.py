@@ -155,7 +155,8 @@ def test_unknown_signals_are_refused(tiny, images):
         def llm_signals(self):
             return (Mystery(),)
 
-    with pytest.raises(ValueError, match="unknown LLM signal .*Mystery.*can compute: LastTokenAttention"):
+    known = "AttentionRows, DecoderKeys, DecoderOutput, PromptEmbeddings"
+    with pytest.raises(ValueError, match=f"unknown LLM signal .*Mystery.*can compute: {known}"):
         tiny.prefill_logits(images["1x2"], QUESTION, WantsMystery(_all))
 
     class Keys(VisionSignal):
@@ -190,3 +191,200 @@ def test_token_accounting_by_hand_on_one_fastv_generate(tiny, images):
     expected = sorted(s for s in order[top].tolist() if s >= 0)
     assert sorted(result.provenance.source.tolist()) == expected
     assert result.provenance.token.max() < 585 and result.provenance.token.unique().numel() == len(expected)
+
+
+# -- several stages, merged tokens, decision checks ------------------------------------------------
+
+
+def _layer_mean_by_hand(name: str, n: int) -> tuple[list[int], float]:
+    """Image tokens of each of the tiny decoder's 4 layers, from each method's rule (stages scaled)."""
+    import numpy as np
+
+    if name == "pdrop":  # stages 1/2/3 of 4 at ratio 0.5: (1 + l + l^2 + l^3) / 4 = 0.5
+        lam = next(r.real for r in np.roots([1, 1, 1, -1]) if abs(r.imag) < 1e-9)
+        counts = [n] + [int(n * lam ** s + 1e-9) for s in (1, 2, 3)]
+    elif name == "sparsevlm":  # after layers 0/1/2, the authors' 192 table (300, 200, 110 of 576), v1 recycling
+        counts, current = [n], n
+        for table in (300, 200, 110):
+            kept = min(round(n * table / 576), current - 1)
+            recycled = int((current - kept) * 0.3) + 1
+            current = kept + int(recycled / 10) + 1
+            counts.append(current)
+    else:  # dart, K = 2, ratio 0.25: 4 + 8 int(min(n / 4, n - 4) // 8) from layer 2 on
+        kept = 4 + 8 * int(min(n * 0.25, n - 4) // 8)
+        counts = [n, n, kept, kept]
+    return counts, sum(counts) / 4
+
+
+STAGED = {"pdrop": {"name": "pdrop", "ratio": 0.5, "layers": [1, 2, 3]},
+          "sparsevlm": {"name": "sparsevlm", "ratio": 0.3333, "layers": [0, 1, 2]},
+          "dart": {"name": "dart", "ratio": 0.25}}
+
+
+@pytest.mark.parametrize("name", STAGED)
+def test_layer_mean_by_hand_for_every_method(tiny, images, name):
+    """The numbers a results table shows, from one generate: image tokens per layer, their mean, the
+    last layer's count, and provenance that only names sources of the image, once each."""
+    result = tiny.generate(images["1x2"], QUESTION, build_compressor(STAGED[name]), max_new_tokens=1)
+    counts, mean = _layer_mean_by_hand(name, result.visual_tokens_spliced)
+    assert result.visual_tokens_after == counts[-1]
+    assert result.visual_tokens_layer_mean == mean
+    source = result.provenance.source
+    assert source.unique().numel() == source.numel()  # a source is kept or merged once
+    assert int(result.provenance.token.max()) < counts[-1]
+    assert ((source >= 0) & (source < result.layout.num_tiles * 576)).all()
+    per_token = torch.bincount(result.provenance.token)
+    assert bool((per_token > 1).any()) == (name == "sparsevlm")  # only v1's recycled tokens merge sources
+    # newline tokens per layer (the cost model's input): vanilla's one per row, then only fewer
+    newlines = result.layer_newlines
+    assert newlines[0] == result.layout.valid_box().height and newlines == sorted(newlines, reverse=True)
+    assert all(n <= c for n, c in zip(newlines, counts))
+    # tokens with a source plus newline tokens: every final image token is one or the other
+    assert int(result.provenance.token.unique().numel()) + newlines[-1] == counts[-1]
+
+
+def test_provenance_compose_by_hand():
+    from compressors import Provenance
+
+    # segment of 4 tokens: 0 <- {10}, 1 <- {11, 12} (pooled), 2 newline, 3 <- {13}
+    base = Provenance(token=torch.tensor([0, 1, 1, 3]), source=torch.tensor([10, 11, 12, 13]))
+    # new segment: token 0 keeps segment token 3; token 1 merges segment tokens 0, 1 and 2
+    got = base.compose(token=torch.tensor([0, 1, 1, 1]), member=torch.tensor([3, 0, 1, 2]), length=4)
+    assert got.token.tolist() == [0, 1, 1, 1] and got.source.tolist() == [13, 10, 11, 12]
+    assert got.weight is None and got.space == "projected"
+    # weighted sources (a vision-space merge): token 1 = mean of members 0 and 1 -> halves of their weights
+    weighted = Provenance(token=torch.tensor([0, 1, 1, 3]), source=torch.tensor([10, 11, 12, 13]),
+                          weight=torch.tensor([1.0, 0.25, 0.75, 1.0]), space="vision")
+    got = weighted.compose(token=torch.tensor([0, 1, 1]), member=torch.tensor([3, 0, 1]), length=4)
+    assert got.token.tolist() == [0, 1, 1, 1] and got.source.tolist() == [13, 10, 11, 12]
+    assert got.weight.tolist() == [1.0, 0.5, 0.125, 0.375] and got.space == "vision"
+
+
+class _Decides(Compressor):
+    """An LLM-stage compressor that returns a fixed decision."""
+
+    llm_positions = "original"
+
+    def __init__(self, fn, layers=(2,)) -> None:
+        super().__init__(1.0)
+        self.fn, self.llm_layers = fn, tuple(layers)
+
+    def select_llm_tokens(self, inp):
+        return self.fn(inp)
+
+
+def _merge(**changes):
+    """Keep everything but image positions 4 and 5, which become one merged token after position 3."""
+    from compressors import LLMDecision
+
+    def fn(inp):
+        length = inp.image_mask.shape[1]
+        keep = torch.tensor([p for p in range(length) if p not in (4, 5)])
+        fields = dict(keep=keep, merged=inp.hidden_states[0, 4:6].mean(0, keepdim=True), merged_at=4,
+                      merged_token=torch.tensor([0, 0]), merged_member=torch.tensor([4, 5]),
+                      merged_position_ids=torch.tensor([4]))
+        fields.update(changes)
+        return LLMDecision(**fields)
+
+    return fn
+
+
+BAD_DECISIONS = {
+    "merged width": (dict(merged=torch.zeros(1, 3, dtype=torch.float64)), r"needs merged \[M >= 1, 128\]"),
+    "merged_at": (dict(merged_at=99), "needs merged_at in 0.."),
+    "no pairs": (dict(merged_token=None), "merged_token/merged_member pairs"),
+    "member not image": (dict(merged_member=torch.tensor([0, 5])), "members that are image positions"),
+    "uncovered token": (dict(merged_token=torch.tensor([1, 1])), "every merged token 0..0 to have members"),
+    "no position ids": (dict(merged_position_ids=None), r"needs merged_position_ids \[1\]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DECISIONS)
+def test_a_bad_decision_is_refused_naming_the_compressor(case):
+    from tests.llm_reference import reference_model, run_with_cache
+
+    changes, message = BAD_DECISIONS[case]
+    compressor = _Decides(_merge(**changes))
+    compressor.name = "my_merger"
+    with pytest.raises(ValueError, match=rf"compressor 'my_merger': an LLMDecision with merged tokens .*{message}"):
+        run_with_cache(reference_model(3, 0), compressor, 2, 8, 3, 0, 0)
+
+
+def test_a_merged_token_decodes_like_its_cache_free_replay():
+    """Original positions with a merged token at position id 4, two stages: cached decoding equals the
+    cache-free recomputation, and the record maps the merged token to both of its members."""
+    from tests.llm_reference import reference_model, replay, run_with_cache
+
+    model = reference_model(4, 3)
+    run = run_with_cache(model, _Decides(_merge(), layers=(1, 2)), 2, 8, 3, 5, 3)
+    assert [stage.length for stage in run.record.stages] == [12, 11]  # 13 - 2 + 1, then again
+    assert run.record.layer_image_tokens == [8, 7, 6, 6]
+    first = run.record.stages[0]
+    assert first.merged == 1 and first.decision.merged_at == 4
+    replayed = replay(model, run.embeds, run.record, contiguous=False)[0, -3:]
+    assert torch.allclose(replayed, run.decode_hidden, atol=1e-10, rtol=0)
+    # image segment 0..7 at positions 2..9. Stage 1 merges segments 2, 3 (positions 4, 5) into one token
+    # at index 4; stage 2 merges that token and segment 4 (now at 4, 5): final image tokens
+    # [seg 0, seg 1, {2, 3, 4}, seg 5, seg 6, seg 7]
+    assert run.record.image_token.tolist() == [0, 1, 2, 2, 2, 3, 4, 5]
+    assert run.record.segment_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert run.record.kept_segment_index.tolist() == [0, 1, 5, 6, 7]
+
+
+@pytest.mark.parametrize("layers", [(2, 2), (3, 1), (0,), (1, 4), ()])
+def test_stage_layers_are_checked_against_the_model(layers):
+    from tests.llm_reference import reference_model, run_with_cache
+
+    with pytest.raises(ValueError, match=r"llm_layers .* out of range .* strictly increasing layers in 1..3"):
+        run_with_cache(reference_model(4, 0), _Decides(lambda inp: None, layers=layers), 2, 8, 3, 0, 0)
+
+
+@pytest.mark.parametrize("name", ["pdrop", "sparsevlm", "dart"])
+def test_a_padded_prompt_position_stays_masked_through_every_stage_and_step(name):
+    """The 2-D padding mask is cut with the sequence at every stage and extended by every decode step:
+    cached decoding with a padded prompt position equals the cache-free replay that masks it as a key."""
+    from tests.llm_reference import reference_model, replay, run_with_cache
+
+    settings = {"pdrop": {"name": "pdrop", "ratio": 0.5, "layers": [1, 2, 3]},
+                "sparsevlm": {"name": "sparsevlm", "ratio": 0.3333, "layers": [0, 1, 2], "variant": "v1"},
+                "dart": {"name": "dart", "ratio": 0.25}}[name]
+    model = reference_model(4, 9)
+    compressor = build_compressor(settings)
+    run = run_with_cache(model, compressor, 3, 48, 6, 9, 3, padded=(1,))
+    replayed = replay(model, run.embeds, run.record, contiguous=compressor.llm_positions == "contiguous", padded=(1,))
+    assert torch.allclose(replayed[0, -3:], run.decode_hidden, atol=1e-10, rtol=0)
+    unpadded = replay(model, run.embeds, run.record, contiguous=compressor.llm_positions == "contiguous")
+    assert not torch.allclose(unpadded[0, -3:], run.decode_hidden, atol=1e-6)  # the mask mattered
+
+
+def test_signal_requests_are_checked_and_instruction_rows_are_the_text_after_the_image():
+    from compressors import AttentionRows, LLMInput
+    from models.llm_signals import query_positions
+
+    for key, bad in (("layer", "next"), ("queries", "all"), ("dtype", "float16")):
+        with pytest.raises(ValueError, match=rf"AttentionRows.{key} must be one of .*got '{bad}'"):
+            AttentionRows(**{key: bad})
+    image = torch.zeros(1, 12, dtype=torch.bool)
+    image[0, 3:8] = True
+    inp = LLMInput(hidden_states=torch.zeros(1, 12, 4), image_mask=image, position_ids=torch.arange(12)[None])
+    assert query_positions(AttentionRows(queries="instruction"), inp, None).tolist() == [8, 9, 10, 11]
+    assert query_positions(AttentionRows(queries="last"), inp, None).tolist() == [11]
+    with pytest.raises(ValueError, match=r"llm_query_mask must return a \[12\] bool tensor"):
+        query_positions(AttentionRows(queries="mask"), inp, torch.ones(12))
+
+
+def test_the_depth_check_covers_every_stage():
+    """The runners' pre-flight check (``check_llm_depth``) refuses any stage beyond the model's depth and
+    names the method's own setting; SparseVLM prunes after its layers, so its stages run one later."""
+    pdrop = build_compressor({"name": "pdrop", "layers": [1, 2, 4]})
+    with pytest.raises(ValueError, match=r"compressor\.layers=\[1, 2, 4\] is beyond the model's depth: it has 4 "
+                                         r"decoder layers \(0\.\.3\)"):
+        pdrop.check_llm_depth(4)
+    pdrop.check_llm_depth(5)
+    sparsevlm = build_compressor({"name": "sparsevlm", "layers": [0, 1, 3]})
+    with pytest.raises(ValueError, match=r"compressor\.layers=\[0, 1, 3\] .* stages run at decoder layers \[1, 2, 4\]"):
+        sparsevlm.check_llm_depth(4)
+    sparsevlm.check_llm_depth(5)
+    with pytest.raises(ValueError, match=r"^compressor\.layer=4 is beyond .* below 4$"):
+        build_compressor({"name": "dart", "layer": 4}).check_llm_depth(4)
+    build_compressor({"name": "pdrop", "ratio": 1.0}).check_llm_depth(1)  # no stage at ratio 1: nothing to check
