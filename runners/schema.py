@@ -69,7 +69,8 @@ class LocalModelConfig:
     name: str = MISSING
     loader: str = "local"
     path: str = MISSING
-    hub_id: str = MISSING  # what to download when ``path`` is missing
+    hub_id: Optional[str] = MISSING  # what to download when ``path`` is missing (null: built, not downloaded)
+    rebuild: Optional[str] = None  # for a checkpoint vtclab builds: the command that rebuilds it
     dtype: DType = DType.float16
     device_map: Any = "auto"  # accelerate device_map: "auto", "cpu", "cuda:0", or a dict
     attn_implementation: AttnImplementation = AttnImplementation.sdpa

@@ -1,9 +1,10 @@
 """The shipped checkpoint's ``metrics.json`` and model card, from its training log and evaluation runs.
 
     python -m runners.evaluate model=tiny_trained benchmark=hires_detail benchmark.num_samples=1000
-    python -m runners.evaluate -m model=tiny_trained benchmark=hires_detail benchmark.num_samples=1000 \\
+    python -m runners.evaluate model=tiny_trained benchmark=hires_detail benchmark.num_samples=300
+    python -m runners.evaluate -m model=tiny_trained benchmark=hires_detail benchmark.num_samples=300 \\
         compressor=random,pooling,fastv,globalcom2 compressor.ratio=0.5,0.25,0.1
-    python -m models.training.card outputs/runs/tiny_trained/hires_detail
+    python -m models.training.card outputs/runs/tiny_trained/hires_detail --sweep-samples 300
 
 Every number in the card comes from ``training.json`` (written by ``runners.train_tiny``) or from
 the runs' ``summary.json`` / ``samples.jsonl`` (written by ``runners.evaluate``); the test suite
@@ -73,7 +74,8 @@ def sweep_table(runs: Path, num_samples: int) -> list[dict[str, Any]]:
     return rows
 
 
-def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequence[dict[str, Any]]) -> str:
+def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequence[dict[str, Any]],
+                sweep_samples: int | None = None) -> str:
     """The model card (markdown)."""
     config = training["config"]
     vision, language = config["vision"], config["language"]
@@ -111,7 +113,7 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         f" ({config['diagnostic_images']} val images, every view).",
     ]
     if sweep:
-        lines += ["", f"Compression on the test split ({metrics['num_samples']} samples; accuracy %, "
+        lines += ["", f"Compression on the test split (first {sweep_samples or metrics['num_samples']} samples; accuracy %, "
                   "retention = layer-mean visual tokens / vanilla):", "",
                   "| compressor | ratio | retention | accuracy | " + " | ".join(categories) + " |",
                   "|---|---:|---:|---:|" + "---:|" * len(categories)]
@@ -166,13 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write metrics.json and the model card of tiny_trained.")
     parser.add_argument("runs", help="folder with the test-split runs of model=tiny_trained")
     parser.add_argument("--weights", default=str(WEIGHTS))
+    parser.add_argument("--sweep-samples", type=int, help="test samples of the sweep runs (default: as the "
+                        "uncompressed run)")
     args = parser.parse_args(argv)
     weights = Path(args.weights)
     training = json.loads((weights / TRAINING_LOG).read_text())
     metrics = test_metrics(Path(args.runs))
-    sweep = sweep_table(Path(args.runs), metrics["num_samples"])
-    write_json_atomic(weights / METRICS, {**metrics, "sweep": sweep})
-    (weights / CARD).write_text(render_card(training, metrics, sweep))
+    sweep_samples = args.sweep_samples or metrics["num_samples"]
+    sweep = sweep_table(Path(args.runs), sweep_samples)
+    write_json_atomic(weights / METRICS, {**metrics, "sweep_samples": sweep_samples, "sweep": sweep})
+    (weights / CARD).write_text(render_card(training, metrics, sweep, sweep_samples))
     print(f"wrote {weights / METRICS} and {weights / CARD}")
     return 0
 
