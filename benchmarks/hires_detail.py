@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.base import Benchmark, Sample, check_positive_int
 from benchmarks.registry import register_benchmark
-from benchmarks.scoring import exact_match, normalize_answer
+from benchmarks.scoring import ExactMatchScorer
 from benchmarks.synthetic import COLORS, CROP_SIZE, GRID_PINPOINTS, SHAPES, SHORT_ANSWER_SUFFIX, Shape, draw_shape
 
 # Each grid's image is its canvas, (height, width) in pixels: crops are the image's own pixels.
@@ -345,6 +345,7 @@ class HiresDetailBenchmark(Benchmark):
         scene, question, _ = make_split_item(self.split, self.seed, index)
         return to_sample(self.split, self.seed, index, scene, question)
 
-    def score(self, prediction: str, sample: Sample) -> dict[str, Any]:
-        """Exact match after ``normalize_answer`` ("Three." scores as "3")."""
-        return {"score": exact_match(prediction, sample.answers), "normalized_prediction": normalize_answer(prediction)}
+    @classmethod
+    def build_scorer(cls, variant: str = "llava") -> ExactMatchScorer:
+        """Exact match after ``normalize_answer`` ("Three." scores as "3"), one rule for every variant."""
+        return ExactMatchScorer(variant)

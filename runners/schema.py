@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from models.cost import CostConvention
+import runners.resolvers  # noqa: F401,E402  (${vtclab_weights:...} in conf/model/tiny_trained.yaml)
 
 
 class DType(str, Enum):

@@ -67,10 +67,10 @@ class VisionStageConfig:
 class LanguageStageConfig:
     """Stage 2: projector + newline + LM on cached features (the next ``images`` train images)."""
 
-    images: int = 1200
-    steps: int = 1200  # one image (all its turns) per step; images are revisited in seeded epochs
-    lr: float = 1.5e-3
-    warmup_steps: int = 60
+    images: int = 600
+    steps: int = 600  # one image (all its turns) per step; images are revisited in seeded epochs
+    lr: float = 3e-3
+    warmup_steps: int = 30
     weight_decay: float = 0.01
     max_turns: int = 12  # questions per conversation
     cache_chunk: int = 100  # images per feature-cache file
@@ -86,7 +86,7 @@ class TrainTinyConfig:
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
     progress: bool = True
     checkpoint_every: int = 50
-    val_samples: int = 100  # val-split questions scored at the end (uncompressed and thumbnail only); 0: skip
+    val_samples: int = 25  # val-split questions scored at the end (uncompressed and thumbnail only); 0: skip
     diagnostic_images: int = 10  # val images for the [CLS]-attention check after stage 1
     vision: VisionStageConfig = field(default_factory=VisionStageConfig)
     language: LanguageStageConfig = field(default_factory=LanguageStageConfig)

@@ -115,8 +115,8 @@ def language_loss(model, features: torch.Tensor, layout: AnyResLayout, conversat
     projected = model.model.multi_modal_projector(features)  # [T, P, D]
     segment = pack_spatial(projected, layout, model.model.image_newline).embeds  # [N_img, D]
     input_ids = conversation.input_ids.to(features.device)
-    hidden = model.model(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+    hidden = model.model(  # one unpadded sequence: the causal mask alone (SDPA's fused causal kernel)
+        input_ids=input_ids, attention_mask=None,
         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[segment])}, use_cache=False,
     ).last_hidden_state  # [1, N, D]
     logits = model.lm_head(hidden[0, conversation.positions.to(features.device)])  # [A, V]
