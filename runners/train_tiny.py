@@ -67,9 +67,9 @@ class VisionStageConfig:
 class LanguageStageConfig:
     """Stage 2: projector + newline + LM on cached features (the next ``images`` train images)."""
 
-    images: int = 600
-    steps: int = 600  # one image (all its turns) per step; images are revisited in seeded epochs
-    lr: float = 3e-3
+    images: int = 250
+    steps: int = 250  # one image (all its turns) per step; images are revisited in seeded epochs
+    lr: float = 1.5e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
     max_turns: int = 12  # questions per conversation

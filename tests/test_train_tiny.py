@@ -203,7 +203,7 @@ def test_shipped_tokenizer_is_the_one_training_builds(shipped, untrained):
 def test_shipped_weights_score_as_the_model_card_states(shipped):
     """The first SUBSET test questions, answered with the shipped weights through the pipeline, score
     what the evaluation run recorded in metrics.json (one answer of slack for float differences across
-    machines); the card states the run's test accuracy, at least 85%."""
+    machines); the card states the run's test accuracy beside chance."""
     metrics = json.loads((SHIPPED / METRICS).read_text())
     assert metrics["split"] == "test" and metrics["num_samples"] >= 100
     benchmark = build_benchmark({"name": "hires_detail", "split": "test", "num_samples": SUBSET})

@@ -23,6 +23,7 @@ from runners.report import collect_summaries
 from runners.store import SAMPLES_FILE, write_json_atomic
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "tiny_trained"
+TARGET = 85.0  # uncompressed test accuracy (%) that makes the model useful for ranking compressors
 SUBSET = 8  # the first test samples the test suite re-scores with the shipped weights
 TRAINING_LOG, METRICS, CARD = "training.json", "metrics.json", "README.md"
 
@@ -93,7 +94,10 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         "## Accuracy",
         "",
         f"Test split, first {metrics['num_samples']} samples, uncompressed (`compressor=none`):"
-        f" **{metrics['accuracy']:.1f}%** (chance {metrics['mean_chance']:.1f}%).",
+        f" **{metrics['accuracy']:.1f}%** (chance {metrics['mean_chance']:.1f}%)."
+        + (f" The target is {TARGET:.0f}%: reached." if metrics["accuracy"] >= TARGET else
+           f" The target is {TARGET:.0f}%: **not reached**; this checkpoint does not yet read the image well"
+           " enough to rank compressors (more stage-2 training is needed)."),
         "",
         "| | " + " | ".join(categories) + " | all |",
         "|---|" + "---:|" * (len(categories) + 1),
