@@ -44,9 +44,10 @@ def build_pipeline(cfg: Mapping[str, Any]) -> LlavaNextPipeline:
         from models.loading import load_llava_next
 
         model, processor = load_llava_next(
-            path=cfg["path"], hub_id=cfg["hub_id"], dtype=cfg.get("dtype", "float16"),
+            path=cfg["path"], hub_id=cfg.get("hub_id"), dtype=cfg.get("dtype", "float16"),
             device_map=cfg.get("device_map", "auto"), attn_implementation=cfg.get("attn_implementation", "sdpa"),
             max_memory=cfg.get("max_memory"),  # a data-parallel process's own GPUs (runners.parallel)
+            rebuild=cfg.get("rebuild"),
         )
     else:
         raise ValueError(f"unknown model.loader {loader!r}; allowed: {', '.join(LOADERS)}")
@@ -85,7 +86,7 @@ def describe_model(cfg: Mapping[str, Any]) -> ModelFacts:
         from models.loading import checkpoint_fingerprint, read_checkpoint_config
 
         # through transformers: config.json leaves out values equal to the text model's defaults
-        config = LlavaNextConfig.from_dict(read_checkpoint_config(cfg["path"], cfg["hub_id"]))
+        config = LlavaNextConfig.from_dict(read_checkpoint_config(cfg["path"], cfg.get("hub_id"), cfg.get("rebuild")))
         return ModelFacts(num_decoder_layers=int(config.text_config.num_hidden_layers),
                           checkpoint=checkpoint_fingerprint(cfg["path"]))
     raise ValueError(f"unknown model.loader {loader!r}; allowed: {', '.join(LOADERS)}")

@@ -10,6 +10,7 @@ meaningless, its token counts, shapes, timings ratios and code paths are the rea
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import torch
 from transformers import (
@@ -40,14 +41,17 @@ _TOKENIZER_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer() -> LlamaTokenizer:
-    """A Llama byte-fallback BPE trained in code (same class as vicuna's), plus ``<image>``/``<pad>``."""
+def build_tiny_tokenizer(corpus: Sequence[str] = tuple(_TOKENIZER_CORPUS)) -> LlamaTokenizer:
+    """A Llama byte-fallback BPE trained in code (same class as vicuna's), plus ``<image>``/``<pad>``.
+
+    ``corpus`` is the text the merges are learned from (a trained model ships its own tokenizer).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
     special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainers.BpeTrainer(vocab_size=512, special_tokens=special,
+    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(vocab_size=512, special_tokens=special,
                                                                     show_progress=False))
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
@@ -108,10 +112,13 @@ def build_tiny_config(tokenizer: LlamaTokenizer, vision_layers: int = 3, text_la
 
 def build_tiny_llava_next(
     seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 3, text_layers: int = 4,
-    text_model: str = "llama", sliding_window: int | None = None,
+    text_model: str = "llama", sliding_window: int | None = None, tokenizer: LlamaTokenizer | None = None,
 ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
-    """The tiny model (eval mode, float32, CPU) and its processor; same seed, same weights."""
-    tokenizer = build_tiny_tokenizer()
+    """The tiny model (eval mode, float32, CPU) and its processor; same seed, same weights.
+
+    ``tokenizer`` replaces the default one (its vocabulary sizes the embeddings).
+    """
+    tokenizer = build_tiny_tokenizer() if tokenizer is None else tokenizer
     processor = build_tiny_processor(tokenizer)
     config = build_tiny_config(tokenizer, vision_layers=vision_layers, text_layers=text_layers,
                                text_model=text_model, sliding_window=sliding_window)

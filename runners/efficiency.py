@@ -114,7 +114,7 @@ def model_depth(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
 
     from models.loading import check_checkpoint_dir
 
-    path = check_checkpoint_dir(model_cfg["path"], model_cfg["hub_id"])
+    path = check_checkpoint_dir(model_cfg["path"], model_cfg.get("hub_id"), model_cfg.get("rebuild"))
     layers = AutoConfig.from_pretrained(path, local_files_only=True).text_config.num_hidden_layers
     return layers, layers
 

@@ -41,7 +41,7 @@ from vtclab.registry import Registry
 # Where and how a run executes; never part of what it is.
 EXECUTION_KEYS = ("paths", "resume", "progress", "num_threads", "run_dir",
                   "eval")  # eval: extra per-sample measurements (fidelity), which change no answer
-MODEL_EXECUTION_KEYS = ("path", "device_map")  # the checkpoint fingerprint stands for the path
+MODEL_EXECUTION_KEYS = ("path", "device_map", "rebuild")  # the fingerprint stands for the path; rebuild: a hint
 BENCHMARK_EXECUTION_KEYS = ("limit", "root")  # a larger limit extends the run; root: where the data lives
 GROUPS = ("model", "compressor", "benchmark")
 SETTING_SCHEMAS = {"cost": CostConvention}  # other groups whose schema gives their defaults

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
 
 
 def run_name(override_dirname: str) -> str:
@@ -11,5 +15,12 @@ def run_name(override_dirname: str) -> str:
     return override_dirname.replace("/", "_") if override_dirname else "default"
 
 
+def shipped_weights(name: str) -> str:
+    """Absolute path of a checkpoint shipped in ``models/weights/<name>`` (whatever the working directory)."""
+    return str(WEIGHTS_DIR / name)
+
+
+if not OmegaConf.has_resolver("vtclab_weights"):
+    OmegaConf.register_new_resolver("vtclab_weights", shipped_weights)
 if not OmegaConf.has_resolver("vtclab_run_name"):
     OmegaConf.register_new_resolver("vtclab_run_name", run_name)

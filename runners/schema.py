@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from models.cost import CostConvention
+import runners.resolvers  # noqa: F401,E402  (${vtclab_weights:...} in conf/model/tiny_trained.yaml)
 
 
 class DType(str, Enum):
@@ -69,7 +70,8 @@ class LocalModelConfig:
     name: str = MISSING
     loader: str = "local"
     path: str = MISSING
-    hub_id: str = MISSING  # what to download when ``path`` is missing
+    hub_id: Optional[str] = MISSING  # what to download when ``path`` is missing (null: built, not downloaded)
+    rebuild: Optional[str] = None  # for a checkpoint vtclab builds: the command that rebuilds it
     dtype: DType = DType.float16
     device_map: Any = "auto"  # accelerate device_map: "auto", "cpu", "cuda:0", or a dict
     attn_implementation: AttnImplementation = AttnImplementation.sdpa

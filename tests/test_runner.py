@@ -314,7 +314,7 @@ def test_readme_main_command_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accuracy" in proc.stdout
     (table,) = sorted((tmp_path / "sweeps").glob(f"*/{MULTIRUN_CSV}"))
-    methods = args[1].split("=")[1].split(",")
+    (methods,) = [a.split("=", 1)[1].split(",") for a in args if a.startswith("compressor=")]
     assert len(table.read_text().splitlines()) == 1 + len(methods)  # one row per compressor of the sweep
     assert sorted(p.name.split(",")[0] for p in (tmp_path / RUNS).iterdir()) == sorted(methods)
 

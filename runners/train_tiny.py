@@ -1,0 +1,352 @@
+"""Train the embedded LLaVA-NeXT on ``hires_detail`` and export it as a llava-hf directory.
+
+    python -m runners.train_tiny                                           # the shipped recipe, CPU
+    python -m runners.train_tiny export_dir=models/weights/tiny_trained    # rebuild the shipped weights
+    python -m runners.train_tiny device=cuda                               # same recipe on a GPU
+
+Phases (see ``models.training``): stage 1 trains the vision tower on single views; its features
+of the stage-2 images are cached; stage 2 trains projector + ``image_newline`` + language model on
+multi-turn questions; the model is then scored on the val split and exported. Everything is a
+function of ``seed`` and ``data_seed``. Each phase checkpoints into ``run_dir`` (atomically, every
+``checkpoint_every`` steps), so rerunning the same command after a kill resumes where it stopped
+and ends with the same weights as an uninterrupted run; other settings in the same ``run_dir``
+are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import runners.resolvers  # noqa: F401  (registers OmegaConf resolvers)
+from benchmarks import build_benchmark
+from benchmarks.hires_detail import make_split_item
+from compressors import build_compressor
+from models.pipeline import LlavaNextPipeline
+from models.training.data import image_tiles, language_example, training_item, vision_example
+from models.training.diagnostics import ThumbnailOnly, cls_attention_share
+from models.training.model import build_untrained, save_pretrained
+from models.training.stages import VisionHeads, VisionTargets, language_loss, tower_features, vision_loss
+from runners.store import RunMismatchError, flatten, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+VOLATILE_KEYS = ("export_dir", "progress", "num_threads", "checkpoint_every")  # do not change the weights
+CONFIG_FILE, VISION_CKPT, LANGUAGE_CKPT, FEATURES_DIR, LOG_FILE = (
+    "train_config.json", "vision.pt", "language.pt", "features", "training.json")
+
+
+@dataclass
+class VisionStageConfig:
+    """Stage 1: the CLIP tower on single views (train images ``0 .. images - 1``)."""
+
+    images: int = 1600
+    images_per_step: int = 2  # a step sees every view (thumbnail + crops) of these images
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.05
+    patch_weight: float = 1.0  # per-patch losses (kind, colour, digit) beside the [CLS] presence loss
+    background_weight: float = 0.02  # background patches in the kind loss (objects cover ~2%)
+
+
+@dataclass
+class LanguageStageConfig:
+    """Stage 2: projector + newline + LM on cached features (the next ``images`` train images)."""
+
+    images: int = 250
+    steps: int = 250  # one image (all its turns) per step; images are revisited in seeded epochs
+    lr: float = 1.5e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    max_turns: int = 12  # questions per conversation
+    cache_chunk: int = 100  # images per feature-cache file
+
+
+@dataclass
+class TrainTinyConfig:
+    seed: int = 0  # weight init and data order
+    data_seed: int = 0  # the hires_detail seed (the benchmark's)
+    run_dir: str = "outputs/train_tiny"
+    export_dir: str = "${run_dir}/tiny_trained"
+    device: str = "cpu"
+    num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    progress: bool = True
+    checkpoint_every: int = 50
+    val_samples: int = 25  # val-split questions scored at the end (uncompressed and thumbnail only); 0: skip
+    diagnostic_images: int = 10  # val images for the [CLS]-attention check after stage 1
+    vision: VisionStageConfig = field(default_factory=VisionStageConfig)
+    language: LanguageStageConfig = field(default_factory=LanguageStageConfig)
+
+
+ConfigStore.instance().store(name="train_tiny_schema", node=TrainTinyConfig)
+
+
+# -- small utilities ----------------------------------------------------------------------------------
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
+    """LR factor: linear warm-up to 1, then cosine down to ``floor`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def save_atomic(payload: Any, path: Path) -> None:
+    """``torch.save`` to a temp file, then rename: a kill never leaves a torn checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def check_run_dir(run_dir: Path, identity: dict) -> None:
+    """Refuse to resume in a directory trained with other settings (naming the keys that differ)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        old, new = flatten(json.loads(path.read_text())), flatten(identity)
+        differing = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+        if differing:
+            details = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in differing)
+            raise RunMismatchError(f"{run_dir} holds a training run with other settings ({details}); "
+                                   "use another run_dir or delete it")
+    write_json_atomic(path, identity)
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    disable=not enabled)
+
+
+def optimizer_for(params: list[torch.nn.Parameter], lr: float, weight_decay: float, warmup: int, steps: int):
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
+
+
+# -- the trainer --------------------------------------------------------------------------------------
+
+
+class TinyTrainer:
+    """The phases of one training run, each resumable from its checkpoint in ``run_dir``."""
+
+    def __init__(self, cfg: DictConfig, progress: Progress) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = Path(cfg.run_dir)
+        self.device = torch.device(cfg.device)
+        self.model, self.processor = build_untrained(cfg.seed)
+        self.model.to(self.device)
+        self.config = self.model.config
+        self.log: dict[str, Any] = {"losses": {}, "seconds": {}}
+        log_path = self.run_dir / LOG_FILE
+        if log_path.exists():
+            self.log = json.loads(log_path.read_text())
+
+    def _save_log(self) -> None:
+        write_json_atomic(self.run_dir / LOG_FILE, self.log)
+
+    def _task(self, description: str, total: int, done: int):
+        return self.progress.add_task(description, total=total, completed=done, status="")
+
+    def _timed(self, phase: str, start: float) -> None:
+        self.log["seconds"][phase] = self.log["seconds"].get(phase, 0.0) + time.perf_counter() - start
+
+    # -- stage 1 ------------------------------------------------------------------------------------
+    def vision_stage(self) -> None:
+        cfg = self.cfg.vision
+        tower = self.model.model.vision_tower
+        steps = math.ceil(cfg.images / cfg.images_per_step)
+        fork = torch.random.fork_rng(devices=[])
+        with fork:
+            torch.manual_seed(self.cfg.seed + 1)
+            heads = VisionHeads(self.config.vision_config.hidden_size).to(self.device)
+        params = [*tower.parameters(), *heads.parameters()]
+        optimizer, scheduler = optimizer_for(params, cfg.lr, cfg.weight_decay, cfg.warmup_steps, steps)
+        path = self.run_dir / VISION_CKPT
+        state = load_checkpoint(path)
+        start = 0
+        if state is not None:
+            tower.load_state_dict(state["tower"])
+            heads.load_state_dict(state["heads"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = state["step"]
+        losses = self.log["losses"]["vision"] = list(state["losses"]) if state else []
+        task = self._task("stage 1: vision tower", steps, start)
+        began = time.perf_counter()
+        tower.train()
+        for step in range(start, steps):
+            indices = range(step * cfg.images_per_step, min((step + 1) * cfg.images_per_step, cfg.images))
+            examples = [vision_example(self.processor, self.config, self.cfg.data_seed, i) for i in indices]
+            pixel_values = torch.cat([tiles for tiles, _ in examples]).to(self.device)
+            targets = VisionTargets.cat([t for _, t in examples]).to(self.device)
+            loss, parts = vision_loss(tower, heads, pixel_values, targets, self.config.vision_feature_layer,
+                                      cfg.patch_weight, cfg.background_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(round(loss.item(), 5))
+            self.progress.update(task, advance=1, status=" ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == steps:
+                self._timed("vision", began)
+                began = time.perf_counter()
+                save_atomic({"step": step + 1, "tower": tower.state_dict(), "heads": heads.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "losses": losses}, path)
+                self._save_log()
+        tower.eval().requires_grad_(False)
+
+    # -- feature cache ------------------------------------------------------------------------------
+    def cached_features(self) -> list[torch.Tensor]:
+        """Tower features ``[T, P, C]`` (float16) of every stage-2 image, computed once, in chunks."""
+        cfg = self.cfg.language
+        directory = self.run_dir / FEATURES_DIR
+        directory.mkdir(exist_ok=True)
+        chunks = math.ceil(cfg.images / cfg.cache_chunk)
+        done = sum((directory / f"{k:05d}.pt").exists() for k in range(chunks))
+        task = self._task("caching tower features", chunks, done)
+        features: list[torch.Tensor] = []
+        began = time.perf_counter()
+        for k in range(chunks):
+            path = directory / f"{k:05d}.pt"
+            if not path.exists():
+                chunk = []
+                for j in range(k * cfg.cache_chunk, min((k + 1) * cfg.cache_chunk, cfg.images)):
+                    scene, _ = training_item(self.cfg.data_seed, self.cfg.vision.images + j, 1)
+                    tiles = image_tiles(self.processor, scene).to(self.device)
+                    chunk.append(tower_features(self.model, tiles).to("cpu", torch.float16))
+                save_atomic(chunk, path)
+                self.progress.update(task, advance=1)
+            features += torch.load(path)
+        self._timed("cache", began)
+        return features
+
+    # -- stage 2 ------------------------------------------------------------------------------------
+    def language_stage(self, features: list[torch.Tensor]) -> None:
+        cfg = self.cfg.language
+        model = self.model
+        params = [p for name, p in model.named_parameters() if not name.startswith("model.vision_tower.")]
+        optimizer, scheduler = optimizer_for(params, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
+        path = self.run_dir / LANGUAGE_CKPT
+        state = load_checkpoint(path)
+        start = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = state["step"]
+        losses = self.log["losses"]["language"] = list(state["losses"]) if state else []
+        task = self._task("stage 2: projector + LM", cfg.steps, start)
+        began = time.perf_counter()
+        model.train()
+        model.model.vision_tower.eval()
+        tokenizer = self.processor.tokenizer
+        for step in range(start, cfg.steps):
+            epoch, position = divmod(step, cfg.images)
+            order = torch.randperm(cfg.images, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+            j = int(order[position])
+            layout, conversation = language_example(tokenizer, self.config, self.cfg.data_seed,
+                                                    self.cfg.vision.images + j, cfg.max_turns)
+            loss = language_loss(model, features[j].to(self.device, torch.float32), layout, conversation)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(round(loss.item(), 5))
+            recent = losses[-50:]
+            self.progress.update(task, advance=1, status=f"loss {sum(recent) / len(recent):.4f}")
+            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                self._timed("language", began)
+                began = time.perf_counter()
+                save_atomic({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "losses": losses}, path)
+                self._save_log()
+        model.eval()
+
+    # -- validation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, compressor, label: str) -> dict[str, float]:
+        """Accuracy on the first ``val_samples`` val questions through the real pipeline."""
+        benchmark = build_benchmark({"name": "hires_detail", "split": "val", "seed": self.cfg.data_seed,
+                                     "num_samples": self.cfg.val_samples})
+        pipeline = LlavaNextPipeline(self.model.eval(), self.processor)
+        task = self._task(f"validation: {label}", len(benchmark), 0)
+        records = []
+        began = time.perf_counter()
+        for sample in benchmark:
+            result = pipeline.generate(sample.image, sample.question, compressor, benchmark.max_new_tokens)
+            records.append({**benchmark.score(result.text, sample), "meta": sample.meta})
+            accuracy = 100 * sum(r["score"] for r in records) / len(records)
+            self.progress.update(task, advance=1, status=f"acc {accuracy:.1f}%")
+        self._timed("validation", began)
+        return benchmark.aggregate(records)
+
+    # -- all of it ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.log["load_start"] = os.getloadavg()
+        self.vision_stage()
+        scenes = [make_split_item("val", self.cfg.data_seed, i)[0] for i in range(self.cfg.diagnostic_images)]
+        self.log["vision_check"] = cls_attention_share(self.model, self.processor, scenes)
+        features = self.cached_features()
+        self.language_stage(features)
+        if self.cfg.val_samples:
+            self.log["val"] = self.validate(build_compressor({"name": "none"}), "uncompressed")
+            self.log["val_thumbnail_only"] = self.validate(ThumbnailOnly(), "thumbnail only")
+        self.log["load_end"] = os.getloadavg()
+        self.log["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                               "device": str(self.device), "torch": torch.__version__,
+                               "platform": platform.platform()}
+        self.log["last_invocation_s"] = time.perf_counter() - start
+        self._save_log()
+        export = save_pretrained(self.model, self.processor, self.cfg.export_dir)
+        write_json_atomic(export / LOG_FILE, {"config": OmegaConf.to_container(self.cfg, resolve=True), **self.log})
+        return self.log
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) the training described by ``cfg``; returns the training log."""
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    identity = OmegaConf.to_container(cfg, resolve=True)
+    for key in VOLATILE_KEYS:
+        identity.pop(key, None)
+    check_run_dir(Path(cfg.run_dir), identity)
+    with progress_bar(cfg.progress) as progress:
+        return TinyTrainer(cfg, progress).run()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_tiny")
+def main(cfg: DictConfig) -> None:
+    result = train(cfg)
+    log.info("val accuracy %s; exported to %s", result.get("val"), cfg.export_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Training the tiny model: labels that follow the processor's tiles, conversations that start with
+exactly the inference prompt, a training run that resumes to the same weights, and the shipped
+checkpoint that loads with model=tiny_trained and scores as its model card states."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import runners.schema  # noqa: F401  (registers the model schemas)
+import runners.train_tiny as train_tiny
+from benchmarks import build_benchmark
+from benchmarks.hires_detail import ANSWERS, DigitBox, Scene, all_questions, make_split_item, render
+from benchmarks.synthetic import COLORS, SHORT_ANSWER_SUFFIX, Shape
+from compressors import build_compressor
+from models import build_pipeline
+from models.pipeline import LlavaNextPipeline
+from models.training.card import CARD, METRICS, SUBSET
+from models.tiny import GRID_PINPOINTS
+from models.training.conversation import build_conversation, training_turns
+from models.training.labels import KINDS, PRESENCE_CLASSES, view_labels, view_transforms
+from models.training.model import build_untrained, task_corpus
+from models.training.stages import VisionTargets
+from runners.store import RunMismatchError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "weights" / "tiny_trained"
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    return build_untrained(seed=0)
+
+
+def compose_train(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train_tiny", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+# -- labels -------------------------------------------------------------------------------------------
+
+
+def test_view_transforms_follow_the_processors_tiles(untrained):
+    """Each object's centre, mapped into every view that shows it, has the object's colour in the
+    processor's (de-normalised) tile: exactly in a crop, approximately in the squeezed thumbnail."""
+    _, processor = untrained
+    scene, _, _ = make_split_item("train", 0, 2)  # a 2x2 image: thumbnail + 4 crops
+    tiles = processor.image_processor(render(scene), return_tensors="pt")["pixel_values"][0]  # [5, 3, 336, 336]
+    mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(processor.image_processor.image_std)[:, None, None]
+    rgb = ((tiles * std + mean) * 255).round()  # [5, 3, 336, 336]
+    transforms = view_transforms(scene, GRID_PINPOINTS)
+    assert transforms.shape == (5, 4)
+    checked = 0
+    for shape in scene.shapes:
+        cx, cy = (shape.box[0] + shape.box[2] - 1) / 2, (shape.box[1] + shape.box[3] - 1) / 2
+        for view, (sx, sy, ox, oy) in enumerate(transforms.tolist()):
+            x, y = cx * sx - ox, cy * sy - oy
+            if not (0 <= x < 336 and 0 <= y < 336):
+                continue
+            pixel = rgb[view, :, int(y), int(x)]
+            tolerance = 0 if view else 60
+            assert (pixel - torch.tensor(COLORS[shape.color])).abs().max() <= tolerance, (shape, view)
+            checked += 1
+    assert checked >= 2 * len(scene.shapes) > 0  # each shape in the thumbnail and in a crop
+
+
+def test_patch_and_presence_labels_from_the_definition():
+    """A hand-placed square and digit box on a 1x2 image; coverage worked out by hand."""
+    square = Shape("square", "red", (20, 30, 40, 50))  # crop 0: cols 1-2, rows 2-3
+    box = DigitBox("7", "green", (350, 100, 386, 136))  # crop 1 (x - 336): x 14..50 -> cols 1-3, rows 7-9
+    scene = Scene("1x2", (336, 672), (square,), (box,), (230, 230, 230), 0)
+    labels = view_labels(scene, GRID_PINPOINTS)
+    names = [{PRESENCE_CLASSES[i] for i in row.nonzero().flatten()} for row in labels.presence]
+    assert names == [{"red square", "digit 7", "green box"}, {"red square"}, {"digit 7", "green box"}]
+
+    def patches(mask: torch.Tensor) -> set[tuple[int, int]]:
+        return {divmod(p, 24) for p in mask.nonzero().flatten().tolist()}
+
+    assert patches(labels.patch_object[1] == 0) == {(2, 1), (2, 2), (3, 1), (3, 2)}  # each >= 0.2 * 196 px
+    # thumbnail (x halved): x 10..20, y 30..50; (row 3, col 0) holds 4 x 8 = 32 px < 39.2: left out
+    assert patches(labels.patch_object[0] == 0) == {(2, 0), (2, 1), (3, 1)}
+    # box: x 14..50 (cols 1, 2, 3 take 14, 14, 8 px), y 100..136 (rows 7, 8, 9 take 12, 14, 10 px)
+    assert patches(labels.patch_object[2] == 1) == {(r, c) for r in (7, 8, 9) for c in (1, 2, 3)}
+    assert patches(labels.patch_object[2] >= 0) == patches(labels.patch_object[2] == 1)
+    # glyph "7": the font's box (-8, -8, 7, 10) about the centre (368, 118) -> x 24..39, y 110..128 in crop 1;
+    # only row 8 holds >= 39.2 px of it (cols 1, 2: 56 and 154 px)
+    assert patches(labels.patch_glyph[2] == 0) == {(8, 1), (8, 2)}
+    # centres: square (30, 40), thumbnail (15, 40); box (32, 118) in crop 1, thumbnail (184, 118)
+    assert [patches(c) for c in labels.centre] == [{(2, 1), (8, 13)}, {(2, 2)}, {(8, 2)}]
+
+    targets = VisionTargets.of(labels)
+    assert targets.kind[2, 8 * 24 + 2] == KINDS.index("box") and targets.digit[2, 8 * 24 + 2] == 7
+    assert targets.digit[2, 7 * 24 + 2] == -1  # in the box, off the glyph
+    assert targets.kind[1, 2 * 24 + 1] == KINDS.index("square") and targets.digit[1, 2 * 24 + 1] == -1
+    assert targets.kind[1, 0] == 0 and targets.color[1, 0] == -1
+
+
+# -- conversations ------------------------------------------------------------------------------------
+
+
+def test_every_answer_is_one_token(untrained):
+    tokenizer = untrained[1].tokenizer
+    for answers in ANSWERS.values():
+        for answer in answers:
+            assert len(tokenizer(" " + answer, add_special_tokens=False).input_ids) == 1, answer
+
+
+def test_first_turn_is_the_inference_prompt_and_targets_are_the_answers(untrained):
+    model, processor = untrained
+    scene, primary, rng = make_split_item("train", 0, 1)
+    turns = training_turns(rng, primary, all_questions(rng, scene), max_turns=6)
+    assert turns[0] == primary and len(turns) == 6 and len({q.text for q in turns}) == 6
+    inputs = LlavaNextPipeline(model, processor).processor_inputs(render(scene), primary.text + SHORT_ANSWER_SUFFIX)
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    conversation = build_conversation(processor.tokenizer, turns, model.config.image_token_id, image_tokens)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(conversation.input_ids[:, :prompt_length], inputs["input_ids"])
+    assert conversation.positions[0] == prompt_length - 1  # the first answer follows the inference prompt
+    assert torch.equal(conversation.input_ids[0, conversation.positions + 1], conversation.targets)
+    tokenizer = processor.tokenizer
+    assert tokenizer.decode(conversation.targets) == "".join(f" {q.answer}</s>" for q in turns).lstrip()
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+SMOKE = ("vision.images=2", "vision.images_per_step=1", "language.images=1", "language.steps=2",
+         "language.cache_chunk=1", "val_samples=1", "diagnostic_images=1", "checkpoint_every=1", "progress=false")
+
+
+class Killed(Exception):
+    """Stands for a kill right after a checkpoint was written."""
+
+
+def test_training_runs_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    straight = train_tiny.train(compose_train(f"run_dir={tmp_path / 'a'}", *SMOKE))
+    assert len(straight["losses"]["vision"]) == 2 and len(straight["losses"]["language"]) == 2
+    assert set(straight["val"]) >= {"accuracy"} and 0 <= straight["vision_check"]["object_patch_share"] <= 1
+
+    # the same run, killed after the first checkpoint of each stage and rerun (no validation: it
+    # changes no weight, and the straight run covers it)
+    cfg = compose_train(f"run_dir={tmp_path / 'b'}", *(o for o in SMOKE if not o.startswith("val_samples")),
+                        "val_samples=0")
+    real_save = train_tiny.save_atomic
+    for kill_at in ("vision.pt", "language.pt"):  # die after the first checkpoint of each stage
+        def save_then_die(payload, path, kill_at=kill_at):
+            real_save(payload, path)
+            if path.name == kill_at and payload["step"] == 1:
+                raise Killed(path)
+
+        monkeypatch.setattr(train_tiny, "save_atomic", save_then_die)
+        with pytest.raises(Killed):
+            train_tiny.train(cfg)
+    monkeypatch.setattr(train_tiny, "save_atomic", real_save)
+    resumed = train_tiny.train(cfg)
+
+    assert resumed["losses"] == straight["losses"]
+    a = load_file(tmp_path / "a" / "tiny_trained" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "tiny_trained" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untrained = build_untrained(seed=0)[0].state_dict()
+    assert not torch.equal(a["vision_tower.encoder.layers.0.mlp.fc1.weight"],  # llava-hf key names
+                           untrained["model.vision_tower.encoder.layers.0.mlp.fc1.weight"])
+
+    with pytest.raises(RunMismatchError, match="language.steps: 2 -> 3"):
+        train_tiny.train(compose_train(f"run_dir={tmp_path / 'a'}", *SMOKE[:3], "language.steps=3", *SMOKE[4:]))
+
+
+# -- the shipped checkpoint ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The pipeline ``model=tiny_trained`` builds, from the composed config (as a run does)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=tiny_trained", "benchmark=hires_detail"])
+    GlobalHydra.instance().clear()
+    assert Path(cfg.model.path) == SHIPPED
+    return build_pipeline(OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True))
+
+
+def test_shipped_tokenizer_is_the_one_training_builds(shipped, untrained):
+    """Token ids cannot drift: the shipped tokenizer has the vocabulary the code builds and encodes
+    every line of the task identically."""
+    shipped_tokenizer, built = shipped.processor.tokenizer, untrained[1].tokenizer
+    assert shipped_tokenizer.get_vocab() == built.get_vocab()
+    for line in task_corpus():
+        assert shipped_tokenizer(line).input_ids == built(line).input_ids
+    assert shipped.model.config.image_token_id == untrained[0].config.image_token_id
+
+
+def test_shipped_weights_score_as_the_model_card_states(shipped):
+    """The first SUBSET test questions, answered with the shipped weights through the pipeline, score
+    what the evaluation run recorded in metrics.json (one answer of slack for float differences across
+    machines); the card states the run's test accuracy beside chance."""
+    metrics = json.loads((SHIPPED / METRICS).read_text())
+    assert metrics["split"] == "test" and metrics["num_samples"] >= 100
+    benchmark = build_benchmark({"name": "hires_detail", "split": "test", "num_samples": SUBSET})
+    assert benchmark.sample_ids() == metrics["subset"]["ids"]
+    none = build_compressor({"name": "none"})
+    correct = sum(benchmark.score(shipped.generate(s.image, s.question, none, benchmark.max_new_tokens).text, s)["score"]
+                  for s in benchmark)
+    assert abs(correct - metrics["subset"]["correct"]) <= 1, (correct, metrics["subset"])
+    card = (SHIPPED / CARD).read_text()
+    assert f"**{metrics['accuracy']:.1f}%** (chance {metrics['mean_chance']:.1f}%)" in card
