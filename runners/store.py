@@ -87,19 +87,7 @@ def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write JSON through a temp file unique to this writer, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_lines_atomic(path, [json.dumps(payload, indent=2, ensure_ascii=False), "\n"])
 
 
 def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> None:

@@ -141,6 +141,21 @@ def progress_bar(enabled: bool) -> Progress:
                     disable=not enabled)
 
 
+def restore(path: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> tuple[int, list[float]]:
+    """Load a stage's last checkpoint into its modules, optimizer and scheduler: (next step, losses so far).
+
+    Nothing there yet gives (0, []).
+    """
+    state = load_checkpoint(path)
+    if state is None:
+        return 0, []
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], list(state["losses"])
+
+
 def optimizer_for(params: list[torch.nn.Parameter], lr: float, weight_decay: float, warmup: int, steps: int):
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
@@ -186,15 +201,8 @@ class TinyTrainer:
         params = [*tower.parameters(), *heads.parameters()]
         optimizer, scheduler = optimizer_for(params, cfg.lr, cfg.weight_decay, cfg.warmup_steps, steps)
         path = self.run_dir / VISION_CKPT
-        state = load_checkpoint(path)
-        start = 0
-        if state is not None:
-            tower.load_state_dict(state["tower"])
-            heads.load_state_dict(state["heads"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start = state["step"]
-        losses = self.log["losses"]["vision"] = list(state["losses"]) if state else []
+        start, losses = restore(path, {"tower": tower, "heads": heads}, optimizer, scheduler)
+        self.log["losses"]["vision"] = losses
         task = self._task("stage 1: vision tower", steps, start)
         began = time.perf_counter()
         tower.train()
@@ -253,14 +261,8 @@ class TinyTrainer:
         params = [p for name, p in model.named_parameters() if not name.startswith("model.vision_tower.")]
         optimizer, scheduler = optimizer_for(params, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
         path = self.run_dir / LANGUAGE_CKPT
-        state = load_checkpoint(path)
-        start = 0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start = state["step"]
-        losses = self.log["losses"]["language"] = list(state["losses"]) if state else []
+        start, losses = restore(path, {"model": model}, optimizer, scheduler)
+        self.log["losses"]["language"] = losses
         task = self._task("stage 2: projector + LM", cfg.steps, start)
         began = time.perf_counter()
         model.train()
