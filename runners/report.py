@@ -82,17 +82,22 @@ def summarise(
     return summary
 
 
+def _shortest(value: float) -> float:
+    """``value`` with the digits it has, at most four significant ones (1/9 is not 16 ones)."""
+    return float(f"{value:.4g}")
+
+
 def format_ratio(ratio: Any) -> str:
-    """A ratio with the digits it has: 0.001 -> ``0.001``, 0.25 -> ``0.25``, 1.0 -> ``1``."""
+    """A ratio with the digits it has: 0.001 -> ``0.001``, 0.25 -> ``0.25``, 1.0 -> ``1``, 1/9 -> ``0.1111``."""
     if ratio is None:
         return "-"
-    text = repr(float(ratio))
+    text = repr(_shortest(float(ratio)))
     return text[:-2] if text.endswith(".0") else text
 
 
 def format_percent(ratio: Any) -> str:
-    """A ratio as a percentage with the digits it has: 0.001 -> ``0.1``, 0.25 -> ``25`` (exact decimals)."""
-    value = (Decimal(repr(float(ratio))) * 100).normalize()
+    """A ratio as a percentage with the digits it has: 0.001 -> ``0.1``, 0.25 -> ``25``, 1/9 -> ``11.11``."""
+    value = (Decimal(repr(_shortest(float(ratio)))) * 100).normalize()
     return format(value, "f")
 
 

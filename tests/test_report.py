@@ -81,8 +81,10 @@ def test_collect_orders_by_model_benchmark_method_and_descending_ratio(tmp_path)
 def test_ratios_print_with_the_digits_they_have():
     from runners.report import format_percent, format_ratio, significant
 
-    assert [format_ratio(r) for r in (0.001, 0.25, 0.1, 1.0, 0.0625)] == ["0.001", "0.25", "0.1", "1", "0.0625"]
-    assert [format_percent(r) for r in (0.001, 0.07, 0.25, 1.0, 0.125)] == ["0.1", "7", "25", "100", "12.5"]
+    assert [format_ratio(r) for r in (0.001, 0.25, 0.1, 1.0, 0.0625, 1 / 9)] == ["0.001", "0.25", "0.1", "1", "0.0625",
+                                                                                 "0.1111"]
+    assert [format_percent(r) for r in (0.001, 0.07, 0.25, 1.0, 0.125, 1 / 9, 0.2)] == ["0.1", "7", "25", "100", "12.5",
+                                                                                       "11.11", "20"]
     assert [significant(v) for v in (0.000123456, 12.345, 1234.5, 0.0, None)] == ["0.000123", "12.3", "1234", "0",
                                                                                       "-"]
     table = render_table([_summary("random", 0.001, 0.0, 2.0, 2.0)])
