@@ -141,6 +141,17 @@ def progress_bar(enabled: bool) -> Progress:
                     disable=not enabled)
 
 
+def take_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer, scheduler,
+              losses: list[float]) -> None:
+    """One optimiser step on ``loss`` (gradients clipped to norm 1), its value logged in ``losses``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    losses.append(round(loss.item(), 5))
+
+
 def restore(path: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> tuple[int, list[float]]:
     """Load a stage's last checkpoint into its modules, optimizer and scheduler: (next step, losses so far).
 
@@ -213,12 +224,7 @@ class TinyTrainer:
             targets = VisionTargets.cat([t for _, t in examples]).to(self.device)
             loss, parts = vision_loss(tower, heads, pixel_values, targets, self.config.vision_feature_layer,
                                       cfg.patch_weight, cfg.background_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(round(loss.item(), 5))
+            take_step(loss, params, optimizer, scheduler, losses)
             self.progress.update(task, advance=1, status=" ".join(f"{k} {v:.3f}" for k, v in parts.items()))
             if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._timed("vision", began)
@@ -275,12 +281,7 @@ class TinyTrainer:
             layout, conversation = language_example(tokenizer, self.config, self.cfg.data_seed,
                                                     self.cfg.vision.images + j, cfg.max_turns)
             loss = language_loss(model, features[j].to(self.device, torch.float32), layout, conversation)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(round(loss.item(), 5))
+            take_step(loss, params, optimizer, scheduler, losses)
             recent = losses[-50:]
             self.progress.update(task, advance=1, status=f"loss {sum(recent) / len(recent):.4f}")
             if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == cfg.steps:

@@ -101,6 +101,20 @@ def images() -> dict[str, Image.Image]:
     return {grid: random_image(h, w, seed=i) for i, (grid, (h, w)) in enumerate(IMAGE_SIZES.items())}
 
 
+def interrupt_generate(monkeypatch, model, at_call: int = 2) -> None:
+    """Make ``model.generate`` raise KeyboardInterrupt (Ctrl-C) at its ``at_call``-th call: a run cut off
+    after ``at_call - 1`` samples."""
+    generate, calls = model.generate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", interrupted)
+
+
 def masked_reference_logits(model, embeds, keep, prefill_length, layer_k, late=None):
     """Cache-free FastV by masking: layers >= K may attend only to kept prefill positions and to
     every position after the prefill (the generated tokens). Written from the definition, without

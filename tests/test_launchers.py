@@ -16,6 +16,7 @@ from hydra.errors import ConfigCompositionException
 
 import test_runner
 from runners.callbacks import PENDING, ResultsTable, print_pending_tables
+from tests.conftest import interrupt_generate
 from test_runner import RUNS, cli, sweep_tables  # noqa: F401  (cli: a fixture)
 
 ARGS = ("benchmark.limit=2", "benchmark.max_new_tokens=2")
@@ -54,15 +55,8 @@ def test_joblib_runs_jobs_in_two_processes_resuming_each_run_and_skipping_finish
                                                                                         monkeypatch):
     # A sweep cut off earlier: `random` finished, `pooling` interrupted after its first sample.
     assert cli("compressor=random", *ARGS)[0] == 0
-    generate, calls = tiny.generate, []
-
-    def interrupted_at_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(tiny, "generate", interrupted_at_the_second)
+    generate = tiny.generate
+    interrupt_generate(monkeypatch, tiny)
     assert cli("compressor=pooling", *ARGS)[0] == 130
     monkeypatch.setattr(tiny, "generate", generate)
     finished, cut = (tmp_path / RUNS / f"{name},benchmark.max_new_tokens=2" for name in ("random,ratio=0.25",

@@ -29,6 +29,7 @@ from runners.callbacks import MULTIRUN_CSV
 from runners.errors import UsageError
 from runners.evaluate import RunningStatus, main, prepare_run
 from runners.report import render_table, summary_row
+from tests.conftest import interrupt_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = {"vision_s", "compress_s", "prefill_s", "decode_s"}
@@ -200,15 +201,7 @@ def test_a_refused_resume_leaves_the_run_untouched(cli, tmp_path):
 
 
 def test_ctrl_c_prints_one_line_and_keeps_what_finished(cli, tiny, tmp_path, monkeypatch):
-    generate, calls = tiny.generate, []
-
-    def interrupted_at_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(tiny, "generate", interrupted_at_the_second)
+    interrupt_generate(monkeypatch, tiny)
     code, _, err = cli("compressor=random", "benchmark.limit=3", "benchmark.max_new_tokens=2")
     run_dir = tmp_path / RUNS / "random,ratio=0.25,benchmark.max_new_tokens=2"
     assert code == 130
