@@ -296,3 +296,28 @@ def test_cost_summary_means_and_convention():
     assert (summary["prefill_tflops"], summary["vision_tflops"], summary["kv_cache_mb"]) == (4.0, 1.0, 20.0)
     assert summary["convention"]["name"] == "x" and summary["convention"]["attention"] == "causal"
     assert cost_summary([{}], CostConvention())["prefill_tflops"] is None
+
+
+# -- (4) the LLM-stage signals, by hand --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "per_stage"), [
+    # FastV: the last token's row at layer K-1 reuses that layer's q/k: q.k for every key, per head
+    ("fastv", lambda d, n: d * n),
+    # PyramidDrop: layer K's k_proj recomputed for all n tokens and q_proj for the last one (d x d each,
+    # Vicuna has no GQA), then q.k for every key
+    ("pdrop", lambda d, n: d * d * n + d * d + d * n),
+    # DART: keys and normed outputs the layers computed anyway
+    ("dart", lambda d, n: 0),
+])
+def test_llm_signals_are_counted_at_each_stage_input(presets, name, per_stage):
+    config = shipped_config(VICUNA_7B)
+    compressor = build_compressor({"name": name})
+    d = 4096  # Vicuna-7B: 32 heads x 128
+    lengths = tuple(3000 - 100 * i for i in range(32))  # any per-layer input lengths
+    tokens = PrefillTokens(lengths, (0,) * 32, text=60)
+    model = CostModel(config, presets["default"], torch.float16, compressor)
+    flops = model.prefill(tokens)
+    expected = 2 * sum(per_stage(d, lengths[layer - 1]) for layer in compressor.llm_layers)  # 2 FLOPs a MAC
+    assert flops.get("signals", 0) == expected
+    assert flops["total"] == prefill_flops(model.decoder, tokens, presets["default"])["total"] + expected
