@@ -284,13 +284,14 @@ def evaluate(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path | None = N
         mine = group.shard(todo)  # data-parallel: a strided share of what is left; else all of it
         log.info("%s: %d samples, %d already done, writing to %s%s", compressor, len(ids), len(ids) - len(todo),
                  directory, f" (process {group.rank} of {group.world_size}: {len(mine)})" if group.distributed else "")
-        if mine:  # the main process has work whenever any is left (it takes todo[0])
-            if pipeline is None:
-                model = process_model_settings(settings["model"], group)  # each process on its own GPU(s)
-                pipeline = PIPELINES.get(model) if in_sweep else build_pipeline(model)
-            if group.is_main:
-                store.record_launch({**timing_environment(pipeline.device),
-                                     **({"processes": group.world_size} if group.distributed else {})})
+        if mine and pipeline is None:  # the main process has work whenever any is left (it takes todo[0])
+            model = process_model_settings(settings["model"], group)  # each process on its own GPU(s)
+            pipeline = PIPELINES.get(model) if in_sweep else build_pipeline(model)
+        if mine and group.is_main:
+            store.record_launch({**timing_environment(pipeline.device),
+                                 **({"processes": group.world_size} if group.distributed else {})})
+        group.barrier()  # the launch is in run.json before any of its processes writes a record
+        if mine:
             cost = CostModel(pipeline.model.config, plan.cost, pipeline.model.dtype, compressor)
             fidelity = (FidelityReference.from_config(OmegaConf.create(settings))
                         if (settings.get("eval") or {}).get("fidelity") else None)
