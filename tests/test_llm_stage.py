@@ -346,7 +346,7 @@ def test_a_padded_prompt_position_stays_masked_through_every_stage_and_step(name
     from tests.llm_reference import reference_model, replay, run_with_cache
 
     settings = {"pdrop": {"name": "pdrop", "ratio": 0.5, "layers": [1, 2, 3]},
-                "sparsevlm": {"name": "sparsevlm", "ratio": 0.3333, "layers": [0, 1, 2], "variant": "v1"},
+                "sparsevlm": {"name": "sparsevlm", "ratio": 0.3333, "layers": [0, 1, 2], "version": "v1"},
                 "dart": {"name": "dart", "ratio": 0.25}}[name]
     model = reference_model(4, 9)
     compressor = build_compressor(settings)

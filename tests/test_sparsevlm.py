@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compressors import build_compressor
-from compressors.sparsevlm import AUTHORS_SCHEDULES, dpc_knn_merge, rope_ones, select_raters, stage_counts
+from compressors.sparsevlm import AUTHORS_SCHEDULES, dpc_knn_merge, rank_keep_count, rope_ones, select_raters, stage_counts
 from tests.llm_reference import authors_reference, reference_model, replay, run_with_cache
 
 
@@ -62,9 +62,9 @@ def test_matches_the_authors_code(case):
     KV-cache length, the hidden states at prefill and at three cached decode steps."""
     ref = authors_reference()["sparsevlm"][CASES[case]]
     model = reference_model(ref["num_layers"], ref["seed"])
-    variant = "v1" if ref["version"] == "1_0" else "v2"
-    assert tuple(ref["layers"]) == (2, 6, 15) and ref["retain"] in AUTHORS_SCHEDULES[variant]
-    sparse = build_compressor({"name": "sparsevlm", "ratio": ref["retain"] / 576, "variant": variant,
+    version = "v1" if ref["version"] == "1_0" else "v2"
+    assert tuple(ref["layers"]) == (2, 6, 15) and ref["retain"] in AUTHORS_SCHEDULES[version]
+    sparse = build_compressor({"name": "sparsevlm", "ratio": ref["retain"] / 576, "version": version,
                                "seed": ref["seed"]})
     run = run_with_cache(model, sparse, ref["prefix"], ref["n_img"], ref["suffix"], ref["seed"] + 100, ref["steps"])
     start = ref["prefix"]
@@ -76,12 +76,87 @@ def test_matches_the_authors_code(case):
     assert torch.allclose(run.prefill_hidden[-4:], ref["prefill_hidden_tail"], atol=1e-9, rtol=0)
     assert torch.allclose(run.decode_hidden, ref["decode_hidden"], atol=1e-9, rtol=0)
     # and a cache-free recomputation of the recorded stages gives the same decoded states
-    replayed = replay(model, run.embeds, run.record, contiguous=variant == "v1")[0, -ref["steps"]:]
+    replayed = replay(model, run.embeds, run.record, contiguous=version == "v1")[0, -ref["steps"]:]
     assert torch.allclose(replayed, run.decode_hidden, atol=1e-10, rtol=0)
 
 
 def test_heads_beyond_the_model_are_refused():
     model = reference_model(4, 0, heads=4, kv_heads=4)
-    sparse = build_compressor({"name": "sparsevlm", "variant": "v2", "layers": [0, 1, 2]})
+    sparse = build_compressor({"name": "sparsevlm", "version": "v2", "layers": [0, 1, 2]})
     with pytest.raises(ValueError, match="keeps 14 attention heads but the model has 4"):
         run_with_cache(model, sparse, 3, 20, 6, 0, 0)
+
+
+# -- variant=paper: the rank rule ----------------------------------------------------------------
+
+
+def test_rank_rule_by_hand():
+    """P's third rater row is the mean of the first two, so rank(P) = 2 of V = 8 image tokens:
+    int(2 * 1.5 + 1) = 4 stay; with scale 13.5, int(27) is capped at V - 1 = 7; a P of full
+    column rank (rank 2 = V) prunes nothing (None)."""
+    p = torch.tensor([[.5, .5, 0., 0., 0., 0., 0., 0.], [0., 0., .5, .5, 0., 0., 0., 0.],
+                      [.25, .25, .25, .25, 0., 0., 0., 0.]])
+    assert rank_keep_count(p, 1.5, 1.0) == 4
+    assert rank_keep_count(p, 13.5, 0.0) == 7
+    assert rank_keep_count(p[:2, :2] + torch.eye(2), 1.0, 0.0) is None
+    assert rank_keep_count(torch.ones(4, 6), 0.8, 0.0) == 0  # rank 1: int(0.8) = 0, as the release code's topk(0)
+
+
+def test_paper_variant_keeps_int_rank_scale_bias_of_the_eager_attention():
+    """Stage 0 (after layer 0) against an eager run of the same model: the raters (their rule, by hand),
+    rank of their head-mean attention rows over the image, top int(rank * 1 + 2) by rater mean."""
+    prefix, n_img, suffix, seed = 3, 40, 8, 5
+    model = reference_model(4, seed, attn_implementation="eager")
+    sparse = build_compressor({"name": "sparsevlm", "variant": "paper", "scale": 1.0, "bias": 2.0,
+                               "layers": [0, 1, 2], "seed": seed})
+    run = run_with_cache(model, sparse, prefix, n_img, suffix, seed, 1)
+    embeds = run.embeds[0, :prefix + n_img + suffix]
+    image, text = embeds[prefix:prefix + n_img], embeds[prefix + n_img:]
+    relation = (image @ text.T).softmax(dim=1).mean(dim=0)
+    raters = prefix + n_img + (relation > relation.mean()).nonzero().flatten()
+    with torch.no_grad():
+        attention = model(inputs_embeds=embeds[None], output_attentions=True).attentions[0][0].mean(dim=0)
+    p = attention[raters][:, prefix:prefix + n_img]  # [R, V]
+    rank = int(torch.linalg.matrix_rank(p.float()))
+    assert 1 <= rank <= raters.numel() < n_img
+    count = int(rank * 1.0 + 2.0)
+    expected = (p.mean(dim=0).topk(count).indices + prefix).sort().values
+    stage = run.record.stages[0]
+    kept = stage.keep[(stage.keep >= prefix) & (stage.keep < prefix + n_img)]
+    assert kept.tolist() == expected.tolist()
+    assert stage.merged == int((int((n_img - count) * 0.3) + 1) / 10) + 1  # v1 recycling as the authors
+
+
+def test_paper_variant_prunes_nothing_at_full_rank():
+    """3 image tokens and at least 3 raters: P is generically of rank 3 = V, so no stage prunes or
+    recycles (the release code's s_flag = False), and every layer sees the whole prompt."""
+    prefix, n_img, suffix, seed = 2, 3, 14, 1
+    model = reference_model(4, seed)
+    sparse = build_compressor({"name": "sparsevlm", "variant": "paper", "scale": 1.0, "bias": 0.0,
+                               "layers": [0, 1, 2], "seed": seed})
+    run = run_with_cache(model, sparse, prefix, n_img, suffix, seed, 1)
+    embeds = run.embeds[0, :prefix + n_img + suffix]
+    relation = (embeds[prefix:prefix + n_img] @ embeds[prefix + n_img:].T).softmax(dim=1).mean(dim=0)
+    assert int((relation > relation.mean()).sum()) >= n_img
+    assert [stage.keep.tolist() for stage in run.record.stages] == [list(range(prefix + n_img + suffix))] * 3
+    assert [stage.merged for stage in run.record.stages] == [0, 0, 0]
+    assert run.record.layer_image_tokens == [n_img] * 4
+
+
+def test_variant_and_version_settings_are_checked():
+    with pytest.raises(ValueError, match=r"compressor\.variant must be one of authors, paper, got 'v2'; "
+                                         r"SparseVLM's version is compressor\.version=v2"):
+        build_compressor({"name": "sparsevlm", "variant": "v2"})
+    with pytest.raises(ValueError, match=r"compressor\.version must be one of v1, v2, got 'v3'"):
+        build_compressor({"name": "sparsevlm", "version": "v3"})
+    with pytest.raises(ValueError, match=r"variant=paper .* needs compressor\.version=v1; got version 'v2'"):
+        build_compressor({"name": "sparsevlm", "variant": "paper", "version": "v2"})
+    with pytest.raises(ValueError, match=r"ratio 0\.5 has no setting .* give compressor\.scale and compressor\.bias"):
+        build_compressor({"name": "sparsevlm", "variant": "paper", "ratio": 0.5})
+    with pytest.raises(ValueError, match=r"scale=2\.0, bias=None with variant=authors"):
+        build_compressor({"name": "sparsevlm", "scale": 2.0})
+    # the release scripts' settings: 192 -> 13.5/0 (mme.sh), 128 -> 9/6 (pope.sh), 64 -> 0.8/0 (textvqa.sh)
+    for ratio, expected in ((0.3333, (13.5, 0.0)), (128 / 576, (9.0, 6.0)), (0.1111, (0.8, 0.0))):
+        sparse = build_compressor({"name": "sparsevlm", "variant": "paper", "ratio": ratio})
+        assert (sparse.scale, sparse.bias) == expected
+    assert build_compressor({"name": "sparsevlm", "variant": "paper", "ratio": 0.5, "scale": 3, "bias": 0}).scale == 3.0
