@@ -162,11 +162,14 @@ class PrefillTokens:
         layer_lengths: positions at each decoder layer's input (text + image segment).
         layer_newlines: ``image_newline`` tokens among them, per layer.
         text: text positions (every layer keeps all of them).
+        query_rows: per LLM stage, the query rows each ``AttentionRows`` signal used (the hook's
+            record); needed for ``instruction``/``mask`` queries, whose number is data-dependent.
     """
 
     layer_lengths: tuple[int, ...]
     layer_newlines: tuple[int, ...]
     text: int
+    query_rows: tuple[Mapping[Any, int], ...] = ()  # per LLM stage: query rows of each AttentionRows signal
 
     @classmethod
     def uniform(cls, layers: int, visual: int, text: int = 0, newlines: int = 0) -> "PrefillTokens":
@@ -175,9 +178,10 @@ class PrefillTokens:
 
     @classmethod
     def from_result(cls, result) -> "PrefillTokens":
-        """From a ``GenerationResult`` (its per-layer lengths and newline counts)."""
+        """From a ``GenerationResult`` (its per-layer lengths and newline counts, its signals' query rows)."""
         return cls(tuple(result.layer_lengths), tuple(result.layer_newlines),
-                   result.prompt_tokens - result.visual_tokens_spliced)
+                   result.prompt_tokens - result.visual_tokens_spliced,
+                   tuple(dict(rows) for rows in getattr(result, "signal_query_rows", ())))
 
     def counted(self, convention: CostConvention) -> list[int]:
         """Per layer, the tokens the convention counts."""
@@ -289,26 +293,50 @@ def vision_signal_macs(shape: VisionShape, request: Any) -> int | None:
     return None
 
 
-def llm_signal_macs(shape: DecoderShape, request: Any, length: int) -> int | None:
-    """MACs of one LLM signal at one stage whose input has ``length`` tokens (None: not counted).
+def llm_signal_macs(shape: DecoderShape, request: Any, length: int, rows: int = 1) -> int | None:
+    """MACs of one LLM signal at one stage whose input has ``length`` tokens (None: a type the cost
+    model does not know).
 
-    ``AttentionRows`` of the last query: that query against every key, per head; with
-    ``layer="stage"`` also the key projection of every token and the query projection of the row
-    (with ``"previous"`` the layer's own projections are reused, already counted). Rows of a varying
-    number of queries (``"instruction"``, ``"mask"``) are not counted. ``DecoderKeys``,
-    ``DecoderOutput`` and ``PromptEmbeddings`` reuse what the layers computed (their element-wise RoPE
-    or norm is left out).
+    ``AttentionRows`` with ``rows`` query rows (1 for ``"last"``; for ``"instruction"``/``"mask"``
+    the number the stage used, from the hook's record): every row against every key, per head (the
+    softmax needs the whole row); with ``layer="stage"`` also the key projection of every token and
+    the query projection of the rows (with ``"previous"`` the layer's own projections are reused,
+    already counted). ``DecoderKeys``, ``DecoderOutput`` and ``PromptEmbeddings`` reuse what the
+    layers computed. Element-wise RoPE and norms are left out.
     """
     if isinstance(request, AttentionRows):
-        if request.queries != "last":
-            return None
-        macs = shape.heads * shape.head_dim * length
+        macs = shape.heads * shape.head_dim * length * rows
         if request.layer == "stage":
-            macs += shape.hidden * shape.kv_heads * shape.head_dim * length + shape.hidden * shape.heads * shape.head_dim
+            macs += shape.hidden * shape.kv_heads * shape.head_dim * length + shape.hidden * shape.heads * shape.head_dim * rows
         return macs
     if isinstance(request, (DecoderKeys, DecoderOutput, PromptEmbeddings)):
         return 0
     return None
+
+
+def llm_signal_flops(shape: DecoderShape, request: Any, length: int, rows: int,
+                     convention: CostConvention) -> int | None:
+    """FLOPs of one LLM signal at one stage: its MACs (``llm_signal_macs``) at ``flops_per_mac``, plus,
+    with ``elementwise``, the softmax of its attention rows (``SOFTMAX_OPS`` per score, as the layers')."""
+    macs = llm_signal_macs(shape, request, length, rows)
+    if macs is None:
+        return None
+    flops = convention.flops_per_mac * macs
+    if convention.elementwise and isinstance(request, AttentionRows):
+        flops += SOFTMAX_OPS * shape.heads * rows * length
+    return flops
+
+
+def signal_rows(tokens: PrefillTokens, stage: int, request: Any) -> int:
+    """Query rows of ``request`` at ``stage``: 1 for the last token, else what the hook recorded."""
+    if not isinstance(request, AttentionRows) or request.queries == "last":
+        return 1
+    recorded = tokens.query_rows[stage] if stage < len(tokens.query_rows) else {}
+    if request not in recorded:
+        raise ValueError(f"the cost of {request!r} at LLM stage {stage} needs the number of query rows it used "
+                         "(PrefillTokens.query_rows, from the LLM-stage hook's record: "
+                         "GenerationResult.signal_query_rows); none was recorded")
+    return int(recorded[request])
 
 
 def kv_cache_bytes(shape: DecoderShape, tokens: PrefillTokens, convention: CostConvention,
@@ -361,12 +389,13 @@ class CostModel:
 
     def prefill(self, tokens: PrefillTokens) -> dict[str, int]:
         """Prefill FLOPs by op (``prefill_flops``), plus the LLM signals of every stage at its input
-        length (layer K-1's)."""
+        length (layer K-1's) and with the query rows it used."""
         flops = prefill_flops(self.decoder, tokens, self.convention)
         if self.llm_signals and self.llm_layers:
-            lengths = [tokens.layer_lengths[layer - 1] for layer in self.llm_layers]
-            macs = sum(llm_signal_macs(self.decoder, r, n) or 0 for r in self.llm_signals for n in lengths)
-            flops["signals"] = self.convention.flops_per_mac * macs
+            flops["signals"] = sum(
+                llm_signal_flops(self.decoder, r, tokens.layer_lengths[layer - 1], signal_rows(tokens, stage, r),
+                                 self.convention) or 0
+                for stage, layer in enumerate(self.llm_layers) for r in self.llm_signals)
             flops["total"] += flops["signals"]
         return flops
 

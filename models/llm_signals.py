@@ -153,6 +153,7 @@ class SignalProviders:
                          for r in previous)
         self.capture = ProjectionCapture(layers, stage_layers, full_query) if previous else None
         self.prompt_embeddings: torch.Tensor | None = None
+        self.rows: dict[AttentionRows, int] = {}  # query rows each attention signal used at the last stage
 
     @staticmethod
     def check(requests: tuple[LLMSignal, ...]) -> None:
@@ -183,11 +184,13 @@ class SignalProviders:
             elif isinstance(request, PromptEmbeddings):
                 signals[request] = self.prompt_embeddings
         query_mask = None
+        self.rows = {}
         for request in self.requests:
             if isinstance(request, AttentionRows):
                 if request.queries == "mask" and query_mask is None:
                     query_mask = compressor.llm_query_mask(inp)
                 signals[request] = self._attention(request, ctx, inp, query_mask)
+                self.rows[request] = signals[request].shape[2]  # [1, H, Q, L]: Q, for the cost model
         if self.capture is not None:
             self.capture.query.pop(ctx.layer, None)
             self.capture.key.pop(ctx.layer, None)

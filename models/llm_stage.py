@@ -64,7 +64,8 @@ DECODE_MODES = ("prefill_once", "recompute", "mask")
 class StageRecord:
     """One stage of one prefill. ``keep``: kept positions of the sequence the stage saw;
     ``merged``: merged tokens it added; ``length``/``image_tokens``: what it left; ``decision``: the
-    compressor's validated answer."""
+    compressor's validated answer; ``query_rows``: the query rows each ``AttentionRows`` signal used
+    (data-dependent for ``instruction``/``mask`` queries; the cost model counts them)."""
 
     layer: int
     keep: torch.Tensor
@@ -72,6 +73,7 @@ class StageRecord:
     length: int
     image_tokens: int
     decision: LLMDecision | None = None
+    query_rows: dict[AttentionRows, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +125,11 @@ class PruningRecord:
     def image_tokens_layer_mean(self) -> float:
         """Image tokens averaged over the decoder layers (what FastV-style papers quote)."""
         return sum(self.layer_image_tokens) / len(self.layer_image_tokens)
+
+    @property
+    def stage_query_rows(self) -> list[dict[AttentionRows, int]]:
+        """Per stage, the query rows each attention-row signal used."""
+        return [dict(stage.query_rows) for stage in self.stages]
 
     @property
     def kept_segment_index(self) -> torch.Tensor | None:
@@ -294,6 +301,7 @@ class LLMStagePruning:
         self._chain: list[tuple[_Sequence, int]] = []  # per stage: the sequence it left, and its length
         self._prefill_length = 0  # length of the prefill whose caches decoding extends
         self._state: dict[str, Any] = {}
+        self._stage_rows: dict[AttentionRows, int] = {}  # query rows of the stage being decided
         SignalProviders.check(self._requests)
 
     @property
@@ -430,6 +438,7 @@ class LLMStagePruning:
             ctx = StageContext(layer=self.stage_layers[stage], hidden=hidden, position_embeddings=inp.position_embeddings,
                                mask_2d=mask_2d, cache=cache, prefill=self.prefill)
             self._signals.compute(ctx, inp, self.compressor)
+            self._stage_rows = dict(self._signals.rows)
             decision = _as_decision(self.compressor.select_llm_tokens(inp))
             decision = check_decision(decision, inp.image_mask[0], hidden, self.compressor)
         if timings is not None:
@@ -487,7 +496,8 @@ class LLMStagePruning:
                        "attention_mask": self._causal_mask(hidden, mask_2d, kwargs.get("cache"), self.stage_layers[stage])}
         record = self._forward_record
         record.stages.append(StageRecord(layer=self.stage_layers[stage], keep=keep, merged=count,
-                                         length=hidden.shape[1], image_tokens=int(image.sum()), decision=decision))
+                                         length=hidden.shape[1], image_tokens=int(image.sum()), decision=decision,
+                                         query_rows=self._stage_rows))
         self._finish_record(record)
         return hidden
 
@@ -547,7 +557,7 @@ class LLMStagePruning:
             keep = decision.keep.to(device)
             kept_image = keep[image[keep]]
             record.stages.append(StageRecord(layer=self.stage_layers[stage], keep=keep, merged=0, length=total,
-                                             image_tokens=int(kept_image.numel())))
+                                             image_tokens=int(kept_image.numel()), query_rows=self._stage_rows))
             rank = image.long().cumsum(0) - 1
             record.original_positions = keep
             record.image_token = torch.arange(kept_image.numel(), device=device)

@@ -69,7 +69,8 @@ class GenerationResult:
     layers see (after the LLM stage, if any); ``layer_mean`` = visual tokens averaged over decoder
     layers (the convention FastV-style papers quote). ``layer_lengths`` / ``layer_newlines``: the
     prefill positions / ``image_newline`` tokens at every decoder layer's input (the cost model's
-    input: an LLM-stage method's layers from K on see fewer).
+    input: an LLM-stage method's layers from K on see fewer); ``signal_query_rows``: per LLM stage,
+    the query rows each attention-row signal used (the cost model counts their FLOPs).
     """
 
     text: str
@@ -84,6 +85,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     layer_lengths: list[int] = field(default_factory=list)
     layer_newlines: list[int] = field(default_factory=list)
+    signal_query_rows: list[dict] = field(default_factory=list)
     first_token_logits: torch.Tensor | None = None  # [vocab] float32 on CPU, when asked for (fidelity)
 
 
@@ -283,11 +285,13 @@ class LlavaNextPipeline:
         num_layers = self.model.config.text_config.num_hidden_layers
         layer_lengths = [int(input_ids.shape[1])] * num_layers
         layer_newlines = [prepared.segment.num_newlines] * num_layers
+        signal_rows = []
         if isinstance(stage, LLMStagePruning):  # the hook counted; read its record
             record = stage.record
             after, layer_mean = record.kept_image_tokens, record.image_tokens_layer_mean
             provenance = provenance.compose(record.image_token, record.segment_index, spliced)
             layer_lengths, layer_newlines = list(record.layer_lengths), list(record.layer_newlines)
+            signal_rows = record.stage_query_rows
         return GenerationResult(
             text=text,
             new_tokens=int(new_ids.numel()),
@@ -301,5 +305,6 @@ class LlavaNextPipeline:
             timings=timings,
             layer_lengths=layer_lengths,
             layer_newlines=layer_newlines,
+            signal_query_rows=signal_rows,
             first_token_logits=output.logits[0][0].float().cpu() if first_token_logits else None,
         )

@@ -8,7 +8,9 @@ import copy
 import functools
 import json
 import statistics
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import runners.resolvers  # noqa: F401
 import runners.schema  # noqa: F401
-from compressors import AnyResLayout, build_compressor
+from compressors import AnyResLayout, AttentionRows, build_compressor
 from models.cost import (
     CostConvention,
     CostModel,
@@ -321,3 +323,35 @@ def test_llm_signals_are_counted_at_each_stage_input(presets, name, per_stage):
     expected = 2 * sum(per_stage(d, lengths[layer - 1]) for layer in compressor.llm_layers)  # 2 FLOPs a MAC
     assert flops.get("signals", 0) == expected
     assert flops["total"] == prefill_flops(model.decoder, tokens, presets["default"])["total"] + expected
+
+
+def test_text_guided_signals_are_counted_with_the_rows_each_stage_used(presets):
+    """SparseVLM's raters (``queries="mask"``, layer K-1's own q/k): R_s rows against every key of the
+    stage input, per head; a ``"stage"``-layer request of instruction rows also pays layer K's k_proj for
+    every token and q_proj for its rows; with ``elementwise`` the softmax adds 5 FLOPs per score. The
+    rows are what the hook recorded per stage; none recorded is an error, and no warning is left."""
+    config = shipped_config(VICUNA_7B)
+    d, heads = 4096, 32  # Vicuna-7B: 32 heads x 128, no GQA
+    lengths = tuple(3000 - 100 * i for i in range(32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shipped methods leave nothing uncounted
+        sparse = build_compressor({"name": "sparsevlm"})
+        model = CostModel(config, presets["default"], torch.float16, sparse)
+    raters = sparse.llm_signals[1]
+    rows = ({raters: 17}, {raters: 17}, {raters: 9})  # per stage (stages at layers 3, 7, 16)
+    tokens = PrefillTokens(lengths, (0,) * 32, text=60, query_rows=rows)
+    expected = 2 * (17 * d * lengths[2] + 17 * d * lengths[6] + 9 * d * lengths[15])
+    assert model.prefill(tokens)["signals"] == expected
+    assert model.prefill(tokens)["total"] == prefill_flops(model.decoder, tokens, presets["default"])["total"] + expected
+    with pytest.raises(ValueError, match=r"queries='mask'.* at LLM stage 0 needs the number of query rows it used"):
+        model.prefill(PrefillTokens(lengths, (0,) * 32, text=60))
+
+    instruction = AttentionRows(layer="stage", queries="instruction")
+    method = SimpleNamespace(vision_signals=(), llm_signals=(instruction,), llm_layers=(5,),
+                             uses_projected_features=True)
+    n, r = lengths[4], 23
+    tokens = PrefillTokens(lengths, (0,) * 32, text=60, query_rows=({instruction: r},))
+    per_stage = d * d * n + d * d * r + d * r * n  # k_proj of every token, q_proj of the rows, q.k
+    assert CostModel(config, presets["default"], torch.float16, method).prefill(tokens)["signals"] == 2 * per_stage
+    counted = CostModel(config, CostConvention(elementwise=True), torch.float16, method).prefill(tokens)["signals"]
+    assert counted == 2 * per_stage + 5 * heads * r * n

@@ -11,6 +11,7 @@ import torch
 
 from compressors import Compressor, LLMSignal, build_compressor
 from compressors.packing import spatial_source_order
+from models.cost import CostConvention, CostModel, PrefillTokens
 from models.llm_stage import LLMStagePruning
 from models.pipeline import LlavaNextPipeline
 from models.tiny import build_tiny_llava_next
@@ -241,6 +242,15 @@ def test_layer_mean_by_hand_for_every_method(tiny, images, name):
     assert all(n <= c for n, c in zip(newlines, counts))
     # tokens with a source plus newline tokens: every final image token is one or the other
     assert int(result.provenance.token.unique().numel()) + newlines[-1] == counts[-1]
+    # the attention rows each stage used reach the per-sample cost: SparseVLM's R raters at every
+    # stage, R x (4 heads x 32) MACs per key of the stage input (layer K-1's), 2 FLOPs a MAC
+    compressor = build_compressor(STAGED[name])
+    if name == "sparsevlm":
+        (raters,) = {rows[compressor.llm_signals[1]] for rows in result.signal_query_rows}
+        assert len(result.signal_query_rows) == 3 and 1 <= raters < result.prompt_tokens - result.visual_tokens_spliced
+        cost = CostModel(tiny.model.config, CostConvention(), tiny.model.dtype, compressor)
+        signals = cost.prefill(PrefillTokens.from_result(result))["signals"]
+        assert signals == 2 * sum(raters * 128 * result.layer_lengths[k - 1] for k in compressor.llm_layers)
 
 
 def test_provenance_compose_by_hand():
@@ -388,3 +398,19 @@ def test_the_depth_check_covers_every_stage():
     with pytest.raises(ValueError, match=r"^compressor\.layer=4 is beyond .* below 4$"):
         build_compressor({"name": "dart", "layer": 4}).check_llm_depth(4)
     build_compressor({"name": "pdrop", "ratio": 1.0}).check_llm_depth(1)  # no stage at ratio 1: nothing to check
+
+
+def test_the_hook_records_the_query_rows_of_every_attention_signal():
+    """Instruction rows are the text after the image (6 here), the last token one row: what the cost
+    model multiplies by (``StageRecord.query_rows``)."""
+    from compressors import AttentionRows
+    from tests.llm_reference import reference_model, run_with_cache
+
+    instruction, last = AttentionRows(layer="stage", queries="instruction"), AttentionRows(queries="last")
+
+    class Both(_Decides):
+        llm_signals = (instruction, last)
+
+    keep_all = Both(lambda inp: torch.arange(inp.image_mask.shape[1]), layers=(1, 3))
+    run = run_with_cache(reference_model(4, 0), keep_all, 3, 10, 6, 0, 1)
+    assert run.record.stage_query_rows == [{instruction: 6, last: 1}] * 2

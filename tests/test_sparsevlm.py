@@ -125,6 +125,8 @@ def test_paper_variant_keeps_int_rank_scale_bias_of_the_eager_attention():
     kept = stage.keep[(stage.keep >= prefix) & (stage.keep < prefix + n_img)]
     assert kept.tolist() == expected.tolist()
     assert stage.merged == int((int((n_img - count) * 0.3) + 1) / 10) + 1  # v1 recycling as the authors
+    # the cost model's input: every stage's attention rows were the raters' (fixed per prefill)
+    assert run.record.stage_query_rows == [{sparse.llm_signals[1]: raters.numel()}] * 3
 
 
 def test_paper_variant_prunes_nothing_at_full_rank():
