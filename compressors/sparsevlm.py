@@ -96,8 +96,8 @@ def paper_scale_bias(ratio: float) -> tuple[float, float]:
     nearest = min(PAPER_SCALES, key=lambda t: abs(t - retain))
     if abs(retain - nearest) > 0.1:
         known = ", ".join(f"{t / AUTHORS_TOKENS:.4f} ({t})" for t in PAPER_SCALES)
-        raise ValueError(f"sparsevlm variant=paper: ratio {ratio} has no setting in the authors' scripts (ratios {known}); "
-                         "give compressor.scale and compressor.bias")
+        raise ValueError(f"sparsevlm variant=paper: ratio {ratio} has no setting in the authors' scripts "
+                         f"(ratios {known}); give compressor.scale and compressor.bias")
     return PAPER_SCALES[nearest]
 
 

@@ -307,7 +307,7 @@ def llm_signal_macs(shape: DecoderShape, request: Any, length: int, rows: int = 
     if isinstance(request, AttentionRows):
         macs = shape.heads * shape.head_dim * length * rows
         if request.layer == "stage":
-            macs += shape.hidden * shape.kv_heads * shape.head_dim * length + shape.hidden * shape.heads * shape.head_dim * rows
+            macs += shape.hidden * shape.head_dim * (shape.kv_heads * length + shape.heads * rows)  # k_proj, q_proj
         return macs
     if isinstance(request, (DecoderKeys, DecoderOutput, PromptEmbeddings)):
         return 0

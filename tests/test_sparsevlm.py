@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from compressors import build_compressor
-from compressors.sparsevlm import AUTHORS_SCHEDULES, dpc_knn_merge, rank_keep_count, rope_ones, select_raters, stage_counts
+from compressors.sparsevlm import (AUTHORS_SCHEDULES, dpc_knn_merge, rank_keep_count, rope_ones, select_raters,
+                                   stage_counts)
 from tests.llm_reference import authors_reference, reference_model, replay, run_with_cache
 
 
