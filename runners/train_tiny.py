@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import platform
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,17 +38,26 @@ from benchmarks import build_benchmark
 from benchmarks.hires_detail import make_split_item
 from compressors import build_compressor
 from models.pipeline import LlavaNextPipeline
+from models.training.crops import crop_example, distractors_at, object_patches
 from models.training.data import image_tiles, language_example, training_item, vision_example
 from models.training.diagnostics import ThumbnailOnly, cls_attention_share
 from models.training.model import build_untrained, save_pretrained
-from models.training.stages import VisionHeads, VisionTargets, language_loss, tower_features, vision_loss
+from models.training.stages import (
+    VisionHeads,
+    VisionTargets,
+    crop_language_loss,
+    language_loss,
+    tower_features,
+    vision_loss,
+    whiten_projector,
+)
 from runners.store import RunMismatchError, flatten, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 VOLATILE_KEYS = ("export_dir", "progress", "num_threads", "checkpoint_every")  # do not change the weights
-CONFIG_FILE, VISION_CKPT, LANGUAGE_CKPT, FEATURES_DIR, LOG_FILE = (
-    "train_config.json", "vision.pt", "language.pt", "features", "training.json")
+CONFIG_FILE, VISION_CKPT, CROPS_CKPT, LANGUAGE_CKPT, FEATURES_DIR, LOG_FILE = (
+    "train_config.json", "vision.pt", "crops.pt", "language.pt", "features", "training.json")
 
 
 @dataclass
@@ -65,10 +75,17 @@ class VisionStageConfig:
 
 @dataclass
 class LanguageStageConfig:
-    """Stage 2: projector + newline + LM on cached features (the next ``images`` train images)."""
+    """Stage 2: projector + newline + LM on cached features (the next ``images`` train images): first on
+    single crops with a growing number of background tokens (2a, ``crop_*``), then on full images (2b)."""
 
-    images: int = 250
-    steps: int = 250  # one image (all its turns) per step; images are revisited in seeded epochs
+    images: int = 600
+    whiten_projector: bool = True  # fold the features' per-channel standardisation into the projector first
+    crop_steps: int = 1500
+    crop_batch: int = 8  # crop conversations per step
+    crop_lr: float = 2e-3
+    distractors_start: int = 16  # background patches beside a crop's object patches at the first step
+    distractor_ramp: float = 0.5  # fraction of crop_steps after which the whole crop is shown
+    steps: int = 200  # 2b: one image (all its turns) per step; images are revisited in seeded epochs
     lr: float = 1.5e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
@@ -261,15 +278,62 @@ class TinyTrainer:
         return features
 
     # -- stage 2 ------------------------------------------------------------------------------------
+    def _language_params(self) -> list[torch.nn.Parameter]:
+        return [p for name, p in self.model.named_parameters() if not name.startswith("model.vision_tower.")]
+
+    def prepare_projector(self, features: list[torch.Tensor]) -> None:
+        """Whitening from the first (at most) 100 cached images; a restored checkpoint overwrites it."""
+        if self.cfg.language.whiten_projector:
+            sample = torch.cat([f.flatten(0, 1) for f in features[:100]]).to(self.device, torch.float32)  # [M, C]
+            whiten_projector(self.model.model.multi_modal_projector, sample)
+
+    def crop_stage(self, features: list[torch.Tensor]) -> None:
+        """Stage 2a (``models.training.crops``): batches of single-crop conversations."""
+        cfg = self.cfg.language
+        if cfg.crop_steps == 0:
+            return
+        model = self.model
+        params = self._language_params()
+        optimizer, scheduler = optimizer_for(params, cfg.crop_lr, cfg.weight_decay, cfg.warmup_steps, cfg.crop_steps)
+        path = self.run_dir / CROPS_CKPT
+        start, losses = restore(path, {"model": model}, optimizer, scheduler)
+        self.log["losses"]["crops"] = losses
+        first = self.cfg.vision.images
+        scenes = [training_item(self.cfg.data_seed, first + j, 1)[0] for j in range(cfg.images)]
+        objects = [object_patches(scene, self.config) for scene in scenes]  # [V, P] each
+        patches = objects[0].shape[1]
+        task = self._task("stage 2a: crops", cfg.crop_steps, start)
+        began = time.perf_counter()
+        model.train()
+        model.model.vision_tower.eval()
+        tokenizer = self.processor.tokenizer
+        for step in range(start, cfg.crop_steps):
+            rng = random.Random(f"crops:{self.cfg.seed}:{step}")  # each step's batch depends on its index only
+            distractors = distractors_at(step, cfg.crop_steps, cfg.distractors_start, cfg.distractor_ramp, patches)
+            batch = [crop_example(tokenizer, self.config, rng, j, scenes[j], objects[j], distractors, cfg.max_turns)
+                     for j in (rng.randrange(cfg.images) for _ in range(cfg.crop_batch))]
+            rows = [features[e.image][e.view][e.keep].to(self.device, torch.float32) for e in batch]  # [n_i, C]
+            loss = crop_language_loss(model, rows, [e.conversation for e in batch])
+            take_step(loss, params, optimizer, scheduler, losses)
+            recent = losses[-50:]
+            self.progress.update(task, advance=1, status=f"loss {sum(recent) / len(recent):.4f} "
+                                                         f"background {distractors}")
+            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == cfg.crop_steps:
+                self._timed("crops", began)
+                began = time.perf_counter()
+                save_atomic({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "losses": losses}, path)
+                self._save_log()
+
     def language_stage(self, features: list[torch.Tensor]) -> None:
         cfg = self.cfg.language
         model = self.model
-        params = [p for name, p in model.named_parameters() if not name.startswith("model.vision_tower.")]
+        params = self._language_params()
         optimizer, scheduler = optimizer_for(params, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
         path = self.run_dir / LANGUAGE_CKPT
         start, losses = restore(path, {"model": model}, optimizer, scheduler)
         self.log["losses"]["language"] = losses
-        task = self._task("stage 2: projector + LM", cfg.steps, start)
+        task = self._task("stage 2b: full images", cfg.steps, start)
         began = time.perf_counter()
         model.train()
         model.model.vision_tower.eval()
@@ -318,6 +382,8 @@ class TinyTrainer:
         scenes = [make_split_item("val", self.cfg.data_seed, i)[0] for i in range(self.cfg.diagnostic_images)]
         self.log["vision_check"] = cls_attention_share(self.model, self.processor, scenes)
         features = self.cached_features()
+        self.prepare_projector(features)
+        self.crop_stage(features)
         self.language_stage(features)
         if self.cfg.val_samples:
             self.log["val"] = self.validate(build_compressor({"name": "none"}), "uncompressed")

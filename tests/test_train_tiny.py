@@ -5,6 +5,7 @@ checkpoint that loads with model=tiny_trained and scores as its model card state
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from models.tiny import GRID_PINPOINTS
 from models.training.conversation import build_conversation, training_turns
 from models.training.labels import KINDS, PRESENCE_CLASSES, view_labels, view_transforms
 from models.training.model import build_untrained, task_corpus
-from models.training.stages import VisionTargets
+from models.training.crops import crop_example, crop_scene, distractors_at, object_patches
+from models.training.stages import VisionTargets, crop_language_loss, whiten_projector
 from runners.store import RunMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,10 +134,81 @@ def test_first_turn_is_the_inference_prompt_and_targets_are_the_answers(untraine
     assert tokenizer.decode(conversation.targets) == "".join(f" {q.answer}</s>" for q in turns).lstrip()
 
 
+# -- stage 2a: crops ----------------------------------------------------------------------------------
+
+
+def test_crop_scene_keeps_the_objects_inside_that_crop():
+    scene = Scene(grid="1x3", image_hw=(336, 1008), tint=(230, 230, 230), texture_seed=0,
+                  shapes=(Shape("circle", "red", (10, 10, 30, 30)), Shape("square", "blue", (400, 300, 420, 320)),
+                          Shape("circle", "green", (700, 100, 724, 124))),
+                  boxes=(DigitBox("7", "orange", (350, 20, 386, 56)),))
+    middle = crop_scene(scene, 0, 1)
+    assert [s.color for s in middle.shapes] == ["blue"] and [b.digit for b in middle.boxes] == ["7"]
+    assert [s.color for s in crop_scene(scene, 0, 2).shapes] == ["green"] and not crop_scene(scene, 0, 2).boxes
+    questions = all_questions(random.Random(0), middle)
+    counts = {q.target["kind"]: q.answer for q in questions["count"]}
+    assert counts == {"circle": "0", "square": "1", "triangle": "0"}  # the other crops' circles are not counted
+
+
+def test_distractors_grow_geometrically_to_the_whole_crop():
+    assert distractors_at(0, 100, 16, 0.5, 576) == 16
+    assert distractors_at(25, 100, 16, 0.5, 576) == 96  # halfway up the ramp: sqrt(16 * 576)
+    assert distractors_at(50, 100, 16, 0.5, 576) == 576 == distractors_at(99, 100, 16, 0.5, 576)
+    counts = [distractors_at(step, 100, 16, 0.5, 576) for step in range(100)]
+    assert counts == sorted(counts)
+
+
+def test_a_crop_example_shows_all_object_patches_and_that_many_background_ones(untrained):
+    model, processor = untrained
+    scene, _, _ = make_split_item("train", 0, 7)
+    objects = object_patches(scene, model.config)  # [V, P]
+    example = crop_example(processor.tokenizer, model.config, random.Random(3), 0, scene, objects,
+                           distractors=20, max_turns=12)
+    shown = objects[example.view]
+    assert example.view >= 1 and bool(example.keep[shown].all())
+    assert int((example.keep & ~shown).sum()) == 20
+    ids = example.conversation.input_ids[0]
+    assert int((ids == model.config.image_token_id).sum()) == int(example.keep.sum())
+    # every answer is about this crop's objects alone
+    cols = scene.image_hw[1] // 336
+    crop = crop_scene(scene, *divmod(example.view - 1, cols))
+    text = processor.tokenizer.decode(ids[ids != model.config.image_token_id])
+    for kind in ("circle", "square", "triangle"):
+        if f"How many {kind}s are there?" in text:
+            answer = text.split(f"How many {kind}s are there?")[1].split("ASSISTANT:")[1].split("</s>")[0].strip()
+            assert answer == str(crop.count(kind))
+
+
+def test_whitening_folds_a_standardisation_into_the_projector():
+    torch.manual_seed(0)
+    model = build_untrained(seed=0)[0]
+    projector = model.model.multi_modal_projector
+    features = torch.randn(500, projector.linear_1.in_features) * 3 + torch.linspace(-5, 5, projector.linear_1.in_features)
+    before = projector(((features - features.mean(0)) / features.std(0)))
+    whiten_projector(projector, features)
+    assert torch.allclose(projector(features), before, atol=1e-4)
+
+
+def test_a_padded_crop_batch_scores_like_each_sequence_alone(untrained):
+    model, processor = untrained
+    scene, _, _ = make_split_item("train", 0, 3)
+    objects = object_patches(scene, model.config)
+    rng = random.Random(0)
+    examples = [crop_example(processor.tokenizer, model.config, rng, 0, scene, objects, d, 4) for d in (5, 40)]
+    features = torch.randn(len(objects), objects.shape[1], model.config.vision_config.hidden_size)  # [T, P, C]
+    rows = [features[e.view][e.keep] for e in examples]
+    with torch.no_grad():
+        batch = crop_language_loss(model, rows, [e.conversation for e in examples])
+        alone = [crop_language_loss(model, [r], [e.conversation]) for r, e in zip(rows, examples)]
+    answers = torch.tensor([len(e.conversation.targets) for e in examples], dtype=torch.float32)
+    assert torch.allclose(batch, (torch.stack(alone) * answers).sum() / answers.sum(), atol=1e-5)
+
+
 # -- training ------------------------------------------------------------------------------------------
 
 SMOKE = ("vision.images=2", "vision.images_per_step=1", "language.images=1", "language.steps=2",
-         "language.cache_chunk=1", "val_samples=1", "diagnostic_images=1", "checkpoint_every=1", "progress=false")
+         "language.cache_chunk=1", "language.crop_steps=2", "language.crop_batch=2", "val_samples=1",
+         "diagnostic_images=1", "checkpoint_every=1", "progress=false")
 
 
 class Killed(Exception):
@@ -144,7 +217,7 @@ class Killed(Exception):
 
 def test_training_runs_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight = train_tiny.train(compose_train(f"run_dir={tmp_path / 'a'}", *SMOKE))
-    assert len(straight["losses"]["vision"]) == 2 and len(straight["losses"]["language"]) == 2
+    assert [len(straight["losses"][k]) for k in ("vision", "crops", "language")] == [2, 2, 2]
     assert set(straight["val"]) >= {"accuracy"} and 0 <= straight["vision_check"]["object_patch_share"] <= 1
 
     # the same run, killed after the first checkpoint of each stage and rerun (no validation: it
@@ -152,7 +225,7 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = compose_train(f"run_dir={tmp_path / 'b'}", *(o for o in SMOKE if not o.startswith("val_samples")),
                         "val_samples=0")
     real_save = train_tiny.save_atomic
-    for kill_at in ("vision.pt", "language.pt"):  # die after the first checkpoint of each stage
+    for kill_at in ("vision.pt", "crops.pt", "language.pt"):  # die after the first checkpoint of each stage
         def save_then_die(payload, path, kill_at=kill_at):
             real_save(payload, path)
             if path.name == kill_at and payload["step"] == 1:

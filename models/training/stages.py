@@ -121,3 +121,43 @@ def language_loss(model, features: torch.Tensor, layout: AnyResLayout, conversat
     ).last_hidden_state  # [1, N, D]
     logits = model.lm_head(hidden[0, conversation.positions.to(features.device)])  # [A, V]
     return F.cross_entropy(logits, conversation.targets.to(features.device))
+
+
+@torch.no_grad()
+def whiten_projector(projector, features: torch.Tensor) -> None:
+    """Fold a per-channel standardisation of the tower ``features`` ``[M, C]`` into the projector's first
+    linear layer (``W x + b`` becomes ``W (x - mu) / sigma + b``; same architecture, new weights).
+
+    Why: the feature layer's tokens share a large common component (norm ~10 vs ~2 for what varies
+    between patches), so at initialisation every projected image token looks alike to the decoder.
+    """
+    mean, std = features.mean(0), features.std(0).clamp(min=1e-6)  # [C]
+    linear = projector.linear_1
+    linear.weight.div_(std)
+    linear.bias.sub_(linear.weight @ mean)
+
+
+def crop_language_loss(model, crop_features: list[torch.Tensor], conversations: list[Conversation]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens over a batch of crop conversations.
+
+    ``crop_features[i]`` ``[n_i, C]`` are the tower features of the kept patches (raster order); they
+    replace the ``n_i`` ``<image>`` placeholders of ``conversations[i]``. Sequences are right-padded.
+    """
+    language_model = model.model.language_model
+    embed = language_model.get_input_embeddings()
+    image_token = model.config.image_token_id
+    sequences = []
+    for features, conversation in zip(crop_features, conversations):
+        ids = conversation.input_ids[0].to(features.device)  # [N]
+        is_image = ids == image_token
+        tokens = embed(ids.masked_fill(is_image, 0))  # [N, D]
+        image = model.model.multi_modal_projector(features).to(tokens.dtype)  # [n_i, D]
+        sequences.append(tokens.masked_scatter(is_image[:, None], image))
+    lengths = torch.tensor([len(s) for s in sequences])
+    padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # [B, L, D]
+    mask = (torch.arange(padded.shape[1])[None] < lengths[:, None]).long().to(padded.device)  # [B, L]
+    hidden = language_model(inputs_embeds=padded, attention_mask=mask).last_hidden_state  # [B, L, D]
+    rows = torch.cat([torch.full_like(c.positions, i) for i, c in enumerate(conversations)])
+    positions = torch.cat([c.positions for c in conversations])
+    logits = model.lm_head(hidden[rows.to(hidden.device), positions.to(hidden.device)])  # [A, V]
+    return F.cross_entropy(logits, torch.cat([c.targets for c in conversations]).to(hidden.device))

@@ -1,0 +1,85 @@
+"""Stage 2a: conversations about single crops, from a few background tokens up to the whole crop.
+
+Why: a decoder trained from scratch on full AnyRes sequences (~3k image tokens, of which a few
+dozen show objects) stays at the answer prior for hundreds of steps: every image token looks alike
+to it, so no gradient tells it where to look. A ``hires_detail`` crop is a complete scene of its
+own (objects sit in 56 px cells that tile the 336 px crop, so none straddles two crops), and its
+questions are answerable from its 576 tokens alone. Stage 2a therefore trains on one crop's object
+patches plus ``distractors`` random background patches, the count growing geometrically to the
+whole crop (a distractor curriculum); stage 2b then trains on full sequences exactly as inference
+feeds them. The object patches come from stage 1's labels (``models.training.labels``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.hires_detail import Scene, all_questions
+from models.training.conversation import Conversation, build_conversation, training_turns
+from models.training.labels import view_labels
+
+
+def crop_scene(scene: Scene, row: int, col: int, tile_px: int = 336) -> Scene:
+    """The objects of crop ``(row, col)`` as a one-crop scene (for its questions; not for drawing)."""
+    left, top = col * tile_px, row * tile_px
+
+    def inside(box) -> bool:
+        return left <= box[0] and box[2] <= left + tile_px and top <= box[1] and box[3] <= top + tile_px
+
+    return Scene(grid="1x1", image_hw=(tile_px, tile_px), shapes=tuple(s for s in scene.shapes if inside(s.box)),
+                 boxes=tuple(b for b in scene.boxes if inside(b.box)), tint=scene.tint, texture_seed=0)
+
+
+def object_patches(scene: Scene, config) -> torch.Tensor:
+    """Per view (thumbnail, then crops), which patches show an object: ``[V, P]`` bool."""
+    vision = config.vision_config
+    labels = view_labels(scene, config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+    return labels.patch_object >= 0
+
+
+def distractors_at(step: int, steps: int, start: int, ramp: float, total: int) -> int:
+    """Background patches shown at ``step``: ``start`` growing geometrically to ``total`` over the first
+    ``ramp`` of the ``steps`` (then every patch)."""
+    reach = max(ramp * steps, 1.0)
+    fraction = min(step / reach, 1.0)
+    return min(total, int(round(start * (total / start) ** fraction)))
+
+
+@dataclass(frozen=True)
+class CropExample:
+    """One crop conversation: ``view`` indexes the image's tower features ``[T, P, C]``; ``keep``
+    ``[P]`` bool selects its patches (raster order kept); the conversation has ``keep.sum()`` image tokens."""
+
+    image: int
+    view: int
+    keep: torch.Tensor
+    conversation: Conversation
+
+
+def crop_example(tokenizer, config, rng: random.Random, image: int, scene: Scene, objects: torch.Tensor,
+                 distractors: int, max_turns: int) -> CropExample:
+    """A random crop of ``scene`` (train image ``image``), its object patches plus ``distractors`` random
+    background ones, and a conversation about that crop's objects.
+
+    Args:
+        objects: ``[V, P]`` from ``object_patches(scene, config)``.
+    """
+    tile = config.vision_config.image_size
+    rows, cols = scene.image_hw[0] // tile, scene.image_hw[1] // tile
+    crop = rng.randrange(rows * cols)
+    view = 1 + crop  # view 0 is the thumbnail
+    shown = objects[view]  # [P]
+    background = (~shown).nonzero().flatten()
+    generator = torch.Generator().manual_seed(rng.getrandbits(63))
+    keep = shown.clone()
+    keep[background[torch.randperm(len(background), generator=generator)[:distractors]]] = True
+
+    questions = all_questions(rng, crop_scene(scene, *divmod(crop, cols), tile_px=tile))
+    primary = rng.choice([q for qs in questions.values() for q in qs])  # count questions always exist
+    turns = training_turns(rng, primary, questions, max_turns)
+    conversation = build_conversation(tokenizer, turns, config.image_token_id, int(keep.sum()))
+    return CropExample(image, view, keep, conversation)
+
