@@ -38,15 +38,17 @@ from benchmarks import build_benchmark
 from benchmarks.hires_detail import make_split_item
 from compressors import build_compressor
 from models.pipeline import LlavaNextPipeline
-from models.training.crops import crop_example, distractors_at, object_patches
+from models.training.crops import crop_example, distractors_at, object_patches, sparse_image_keep
 from models.training.data import image_tiles, language_example, training_item, vision_example
 from models.training.diagnostics import ThumbnailOnly, cls_attention_share
 from models.training.model import build_untrained, save_pretrained
 from models.training.stages import (
+    AskedConfig,
+    AskedHeads,
     VisionHeads,
     VisionTargets,
-    crop_language_loss,
-    language_loss,
+    conversation_loss,
+    image_segment,
     tower_features,
     vision_loss,
     whiten_projector,
@@ -80,12 +82,18 @@ class LanguageStageConfig:
 
     images: int = 600
     whiten_projector: bool = True  # fold the features' per-channel standardisation into the projector first
+    asked_layer: int = 2  # hidden state (0 = embeddings) on which AskedHeads predict what a question names
+    asked_weight: float = 1.0  # 0: no AskedHeads
+    balance_categories: bool = True  # weigh the four question types equally in the answer loss
     crop_steps: int = 1500
     crop_batch: int = 8  # crop conversations per step
     crop_lr: float = 2e-3
     distractors_start: int = 16  # background patches beside a crop's object patches at the first step
     distractor_ramp: float = 0.5  # fraction of crop_steps after which the whole crop is shown
-    steps: int = 200  # 2b: one image (all its turns) per step; images are revisited in seeded epochs
+    steps: int = 200  # 2b: full images (all their turns); images are revisited in seeded epochs
+    batch: int = 1  # 2b: images per step
+    sparse_start: Optional[int] = None  # 2b: background tokens at its first step (None: whole images throughout)
+    sparse_ramp: float = 0.75  # 2b: fraction of steps after which the whole image is shown
     lr: float = 1.5e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
@@ -279,81 +287,114 @@ class TinyTrainer:
 
     # -- stage 2 ------------------------------------------------------------------------------------
     def _language_params(self) -> list[torch.nn.Parameter]:
-        return [p for name, p in self.model.named_parameters() if not name.startswith("model.vision_tower.")]
+        params = [p for name, p in self.model.named_parameters() if not name.startswith("model.vision_tower.")]
+        return params + ([*self.asked.heads.parameters()] if self.asked else [])
 
-    def prepare_projector(self, features: list[torch.Tensor]) -> None:
-        """Whitening from the first (at most) 100 cached images; a restored checkpoint overwrites it."""
-        if self.cfg.language.whiten_projector:
+    def _language_modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model, **({"asked": self.asked.heads} if self.asked else {})}
+
+    def _language_state(self, step: int, optimizer, scheduler, losses: list[float]) -> dict[str, Any]:
+        return {"step": step, **{k: m.state_dict() for k, m in self._language_modules().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "losses": losses}
+
+    def prepare_language(self, features: list[torch.Tensor]) -> None:
+        """The seeded ``AskedHeads`` and the whitened projector (from the first, at most, 100 cached images);
+        a restored checkpoint overwrites both."""
+        cfg = self.cfg.language
+        self.asked = None
+        if cfg.asked_weight:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed + 2)
+                heads = AskedHeads(self.config.text_config.hidden_size).to(self.device)
+            self.asked = AskedConfig(heads, cfg.asked_layer, cfg.asked_weight)
+        if cfg.whiten_projector:
             sample = torch.cat([f.flatten(0, 1) for f in features[:100]]).to(self.device, torch.float32)  # [M, C]
             whiten_projector(self.model.model.multi_modal_projector, sample)
+
+    def _language_phase(self, phase: str, description: str, path: Path, steps: int, lr: float,
+                        step_loss: Callable[[int], tuple[torch.Tensor, str]]) -> None:
+        """Train projector + newline + LM (+ AskedHeads) for ``steps`` steps of ``step_loss(step)``, resumable
+        from ``path``; losses and time are logged under ``phase``."""
+        cfg = self.cfg.language
+        params = self._language_params()
+        optimizer, scheduler = optimizer_for(params, lr, cfg.weight_decay, cfg.warmup_steps, steps)
+        start, losses = restore(path, self._language_modules(), optimizer, scheduler)
+        self.log["losses"][phase] = losses
+        task = self._task(description, steps, start)
+        began = time.perf_counter()
+        self.model.train()
+        self.model.model.vision_tower.eval()
+        for step in range(start, steps):
+            loss, status = step_loss(step)
+            take_step(loss, params, optimizer, scheduler, losses)
+            recent = losses[-50:]
+            self.progress.update(task, advance=1, status=f"loss {sum(recent) / len(recent):.4f} {status}")
+            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == steps:
+                self._timed(phase, began)
+                began = time.perf_counter()
+                save_atomic(self._language_state(step + 1, optimizer, scheduler, losses), path)
+                self._save_log()
 
     def crop_stage(self, features: list[torch.Tensor]) -> None:
         """Stage 2a (``models.training.crops``): batches of single-crop conversations."""
         cfg = self.cfg.language
         if cfg.crop_steps == 0:
             return
-        model = self.model
-        params = self._language_params()
-        optimizer, scheduler = optimizer_for(params, cfg.crop_lr, cfg.weight_decay, cfg.warmup_steps, cfg.crop_steps)
-        path = self.run_dir / CROPS_CKPT
-        start, losses = restore(path, {"model": model}, optimizer, scheduler)
-        self.log["losses"]["crops"] = losses
+        model, tokenizer = self.model, self.processor.tokenizer
         first = self.cfg.vision.images
         scenes = [training_item(self.cfg.data_seed, first + j, 1)[0] for j in range(cfg.images)]
         objects = [object_patches(scene, self.config) for scene in scenes]  # [V, P] each
         patches = objects[0].shape[1]
-        task = self._task("stage 2a: crops", cfg.crop_steps, start)
-        began = time.perf_counter()
-        model.train()
-        model.model.vision_tower.eval()
-        tokenizer = self.processor.tokenizer
-        for step in range(start, cfg.crop_steps):
+
+        def step_loss(step: int) -> tuple[torch.Tensor, str]:
             rng = random.Random(f"crops:{self.cfg.seed}:{step}")  # each step's batch depends on its index only
             distractors = distractors_at(step, cfg.crop_steps, cfg.distractors_start, cfg.distractor_ramp, patches)
             batch = [crop_example(tokenizer, self.config, rng, j, scenes[j], objects[j], distractors, cfg.max_turns)
                      for j in (rng.randrange(cfg.images) for _ in range(cfg.crop_batch))]
-            rows = [features[e.image][e.view][e.keep].to(self.device, torch.float32) for e in batch]  # [n_i, C]
-            loss = crop_language_loss(model, rows, [e.conversation for e in batch])
-            take_step(loss, params, optimizer, scheduler, losses)
-            recent = losses[-50:]
-            self.progress.update(task, advance=1, status=f"loss {sum(recent) / len(recent):.4f} "
-                                                         f"background {distractors}")
-            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == cfg.crop_steps:
-                self._timed("crops", began)
-                began = time.perf_counter()
-                save_atomic({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "losses": losses}, path)
-                self._save_log()
+            projector = model.model.multi_modal_projector
+            images = [projector(features[e.image][e.view][e.keep].to(self.device, torch.float32)) for e in batch]
+            loss, parts = conversation_loss(model, images, [e.conversation for e in batch], self.asked,
+                                            cfg.balance_categories)
+            return loss, f"{parts} background {distractors}"
+
+        self._language_phase("crops", "stage 2a: crops", self.run_dir / CROPS_CKPT, cfg.crop_steps, cfg.crop_lr,
+                             step_loss)
 
     def language_stage(self, features: list[torch.Tensor]) -> None:
+        """Stage 2b: whole images packed as inference packs them; with ``sparse_start``, the image segment
+        first shows its object tokens and a growing number of background tokens at their own positions
+        (``models.training.crops.sparse_image_keep``)."""
         cfg = self.cfg.language
-        model = self.model
-        params = self._language_params()
-        optimizer, scheduler = optimizer_for(params, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
-        path = self.run_dir / LANGUAGE_CKPT
-        start, losses = restore(path, {"model": model}, optimizer, scheduler)
-        self.log["losses"]["language"] = losses
-        task = self._task("stage 2b: full images", cfg.steps, start)
-        began = time.perf_counter()
-        model.train()
-        model.model.vision_tower.eval()
-        tokenizer = self.processor.tokenizer
-        for step in range(start, cfg.steps):
-            epoch, position = divmod(step, cfg.images)
+        model, tokenizer = self.model, self.processor.tokenizer
+        first = self.cfg.vision.images
+        objects: dict[int, torch.Tensor] = {}  # [V, P] per image, computed when first drawn
+
+        def example(index: int, step: int, generator: torch.Generator):
+            epoch, position = divmod(index, cfg.images)
             order = torch.randperm(cfg.images, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
             j = int(order[position])
-            layout, conversation = language_example(tokenizer, self.config, self.cfg.data_seed,
-                                                    self.cfg.vision.images + j, cfg.max_turns)
-            loss = language_loss(model, features[j].to(self.device, torch.float32), layout, conversation)
-            take_step(loss, params, optimizer, scheduler, losses)
-            recent = losses[-50:]
-            self.progress.update(task, advance=1, status=f"loss {sum(recent) / len(recent):.4f}")
-            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                self._timed("language", began)
-                began = time.perf_counter()
-                save_atomic({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "losses": losses}, path)
-                self._save_log()
+            layout, conversation = language_example(tokenizer, self.config, self.cfg.data_seed, first + j,
+                                                    cfg.max_turns)
+            segment = image_segment(model, features[j].to(self.device, torch.float32), layout)  # [N_img, D]
+            if cfg.sparse_start is None:
+                return segment, conversation, None
+            if j not in objects:
+                objects[j] = object_patches(training_item(self.cfg.data_seed, first + j, 1)[0], self.config)
+            background = int((~objects[j]).sum())
+            distractors = distractors_at(step, cfg.steps, cfg.sparse_start, cfg.sparse_ramp, background)
+            return segment, conversation, sparse_image_keep(layout, objects[j], distractors, generator)
+
+        def step_loss(step: int) -> tuple[torch.Tensor, str]:
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            segments, conversations, keeps = zip(*(example(step * cfg.batch + b, step, generator)
+                                                   for b in range(cfg.batch)))
+            loss, parts = conversation_loss(model, list(segments), list(conversations), self.asked,
+                                            cfg.balance_categories, None if keeps[0] is None else list(keeps))
+            shown = "" if keeps[0] is None else f" image tokens {sum(int(k.sum()) for k in keeps) / len(keeps):.0f}"
+            return loss, f"{parts}{shown}"
+
+        self._language_phase("language", "stage 2b: full images", self.run_dir / LANGUAGE_CKPT, cfg.steps, cfg.lr,
+                             step_loss)
         model.eval()
 
     # -- validation ---------------------------------------------------------------------------------
@@ -382,7 +423,7 @@ class TinyTrainer:
         scenes = [make_split_item("val", self.cfg.data_seed, i)[0] for i in range(self.cfg.diagnostic_images)]
         self.log["vision_check"] = cls_attention_share(self.model, self.processor, scenes)
         features = self.cached_features()
-        self.prepare_projector(features)
+        self.prepare_language(features)
         self.crop_stage(features)
         self.language_stage(features)
         if self.cfg.val_samples:

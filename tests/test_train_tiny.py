@@ -18,18 +18,37 @@ from safetensors.torch import load_file
 import runners.schema  # noqa: F401  (registers the model schemas)
 import runners.train_tiny as train_tiny
 from benchmarks import build_benchmark
-from benchmarks.hires_detail import ANSWERS, DigitBox, Scene, all_questions, make_split_item, render
-from benchmarks.synthetic import COLORS, SHORT_ANSWER_SUFFIX, Shape
+from benchmarks.hires_detail import (
+    ANSWERS,
+    CATEGORIES,
+    SHAPE_COLORS,
+    DigitBox,
+    Question,
+    Scene,
+    all_questions,
+    make_split_item,
+    render,
+)
+from benchmarks.synthetic import COLORS, SHAPES, SHORT_ANSWER_SUFFIX, Shape
 from compressors import build_compressor
 from models import build_pipeline
 from models.pipeline import LlavaNextPipeline
 from models.training.card import CARD, METRICS, SUBSET
 from models.tiny import GRID_PINPOINTS
-from models.training.conversation import build_conversation, training_turns
+from models.training.conversation import IGNORE, asked_labels, build_conversation, training_turns
 from models.training.labels import KINDS, PRESENCE_CLASSES, view_labels, view_transforms
 from models.training.model import build_untrained, task_corpus
-from models.training.crops import crop_example, crop_scene, distractors_at, object_patches
-from models.training.stages import VisionTargets, crop_language_loss, whiten_projector
+from compressors.packing import spatial_source_order
+from models.training.crops import crop_example, crop_scene, distractors_at, object_patches, sparse_image_keep
+from models.training.data import language_example, training_item
+from models.training.stages import (
+    VisionTargets,
+    category_balanced_mean,
+    conversation_loss,
+    image_segment,
+    whiten_projector,
+)
+from tests.conftest import masked_reference_logits
 from runners.store import RunMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +151,24 @@ def test_first_turn_is_the_inference_prompt_and_targets_are_the_answers(untraine
     assert torch.equal(conversation.input_ids[0, conversation.positions + 1], conversation.targets)
     tokenizer = processor.tokenizer
     assert tokenizer.decode(conversation.targets) == "".join(f" {q.answer}</s>" for q in turns).lstrip()
+    # each turn's answer token is predicted at its turn position
+    answers = [tokenizer(" " + q.answer, add_special_tokens=False).input_ids[0] for q in turns]
+    assert conversation.input_ids[0, conversation.turn_positions + 1].tolist() == answers
+    assert conversation.asked.tolist() == [asked_labels(q) for q in turns]
+
+
+@pytest.mark.parametrize("text, category, named", [
+    ("What color is the circle?", "color", ("circle", None)),
+    ("Which digit is in the red box?", "digit", (None, "red")),
+    ("Is there an orange triangle?", "presence", ("triangle", "orange")),
+    ("How many squares are there?", "count", ("square", None)),
+])
+def test_asked_labels_name_what_the_question_says_and_never_the_answer(text, category, named):
+    answer = {"color": "red", "digit": "7", "presence": "yes", "count": "2"}[category]
+    labels = asked_labels(Question(category, text, answer, {}))
+    expected = [CATEGORIES.index(category), SHAPES.index(named[0]) if named[0] else IGNORE,
+                SHAPE_COLORS.index(named[1]) if named[1] else IGNORE]
+    assert labels == expected
 
 
 # -- stage 2a: crops ----------------------------------------------------------------------------------
@@ -196,10 +233,10 @@ def test_a_padded_crop_batch_scores_like_each_sequence_alone(untrained):
     rng = random.Random(0)
     examples = [crop_example(processor.tokenizer, model.config, rng, 0, scene, objects, d, 4) for d in (5, 40)]
     features = torch.randn(len(objects), objects.shape[1], model.config.vision_config.hidden_size)  # [T, P, C]
-    rows = [features[e.view][e.keep] for e in examples]
+    rows = [model.model.multi_modal_projector(features[e.view][e.keep]) for e in examples]  # [n_i, D]
     with torch.no_grad():
-        batch = crop_language_loss(model, rows, [e.conversation for e in examples])
-        alone = [crop_language_loss(model, [r], [e.conversation]) for r, e in zip(rows, examples)]
+        batch = conversation_loss(model, rows, [e.conversation for e in examples])[0]
+        alone = [conversation_loss(model, [r], [e.conversation])[0] for r, e in zip(rows, examples)]
     answers = torch.tensor([len(e.conversation.targets) for e in examples], dtype=torch.float32)
     assert torch.allclose(batch, (torch.stack(alone) * answers).sum() / answers.sum(), atol=1e-5)
 
@@ -287,3 +324,44 @@ def test_shipped_weights_score_as_the_model_card_states(shipped):
     assert abs(correct - metrics["subset"]["correct"]) <= 1, (correct, metrics["subset"])
     card = (SHIPPED / CARD).read_text()
     assert f"**{metrics['accuracy']:.1f}%** (chance {metrics['mean_chance']:.1f}%)" in card
+
+
+def test_category_balanced_mean_weighs_each_question_type_equally():
+    losses = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    assert torch.isclose(category_balanced_mean(losses, torch.tensor([0, 0, 1, 3])), torch.tensor((1.5 + 3 + 10) / 3))
+    assert torch.isclose(category_balanced_mean(losses, torch.zeros(4, dtype=torch.long)), losses.mean())
+
+
+def test_a_sparse_image_shows_objects_newlines_and_that_many_background_tokens(untrained):
+    model, processor = untrained
+    layout, _ = language_example(processor.tokenizer, model.config, 0, 1700, 1)
+    objects = object_patches(training_item(0, 1700, 1)[0], model.config)  # [V, P]
+    keep = sparse_image_keep(layout, objects, 30, torch.Generator().manual_seed(0))
+    order = spatial_source_order(layout)
+    on_object = (order >= 0) & objects.flatten()[order.clamp(min=0)]
+    assert bool(keep[on_object].all()) and bool(keep[order < 0].all())
+    assert int((keep & (order >= 0) & ~on_object).sum()) == 30
+    assert int(on_object.sum()) == int(objects.sum())  # the thumbnail's and every crop's object patches
+
+
+def test_a_sparse_sequence_equals_the_whole_one_with_the_dropped_tokens_masked(untrained):
+    """Dropping image tokens while the others keep their position ids is, by definition, the whole
+    sequence with the dropped tokens hidden from every attention (RoPE depends on positions only)."""
+    model, processor = untrained
+    layout, conversation = language_example(processor.tokenizer, model.config, 0, 1700, 4)
+    torch.manual_seed(0)
+    segment = image_segment(model, torch.randn(layout.num_tiles, 576, 64), layout)  # [N_img, D]
+    objects = object_patches(training_item(0, 1700, 1)[0], model.config)
+    keep = sparse_image_keep(layout, objects, 50, torch.Generator().manual_seed(1))
+    ids = conversation.input_ids  # [1, N]
+    is_image = ids[0] == model.config.image_token_id
+    with torch.no_grad():
+        loss = conversation_loss(model, [segment], [conversation], image_keep=[keep])[0]
+        embeds = model.model.language_model.get_input_embeddings()(ids.masked_fill(ids == model.config.image_token_id, 0))
+        embeds[0, is_image] = segment
+        visible = torch.ones(ids.shape[1], dtype=torch.bool)
+        visible[is_image] = keep
+        logits = masked_reference_logits(model, embeds, visible.nonzero().flatten(), ids.shape[1], 0)
+        reference = torch.nn.functional.cross_entropy(logits[0, conversation.positions], conversation.targets)
+    assert int(keep.sum()) < len(keep)
+    assert torch.allclose(loss, reference, atol=1e-5)

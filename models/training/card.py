@@ -140,15 +140,27 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         f" images (all their views), AdamW lr {vision['lr']}: BCE of object presence on the pooled [CLS]",
         "   (last layer) and, per patch of the feature layer (-2), cross-entropies of kind, colour and digit",
         "   and a BCE of object centres.",
-        f"2. Projector, `image_newline` and language model, {language['steps']} steps of one image"
-        f" (cached tower features), AdamW lr {language['lr']}: cross-entropy of the answers of a multi-turn",
-        "   LLaVA conversation whose first turn is exactly the inference prompt.",
+        f"2. Projector (its first layer whitened from the cached features), `image_newline` and language"
+        " model on cached tower features, AdamW, with the cross-entropy of the answers of multi-turn LLaVA"
+        " conversations" + (f" plus {language['asked_weight']:g} x AskedHeads' cross-entropy (from the"
+                             f" hidden state {language['asked_layer']} at each answer position: the"
+                             " question's type, shape and colour words; never the answer, never the image)"
+                             if language.get("asked_weight") else "") + ":",
+        f"   a. {language['crop_steps']} steps of {language['crop_batch']} single-crop conversations, lr"
+        f" {language['crop_lr']}: a crop's object patches plus {language['distractors_start']} random background"
+        f" patches, growing geometrically to the whole crop over the first {language['distractor_ramp']:.0%}"
+        " of the steps;",
+        f"   b. {language['steps']} steps of {language.get('batch', 1)} whole image(s) (thumbnail + crops, packed as at"
+        f" inference), lr {language['lr']}, the first turn exactly the inference prompt"
+        + (f"; the image segment first shows its object tokens, the newlines and {language['sparse_start']}"
+           " background tokens at their own position ids, growing geometrically to the whole image after"
+           f" {language['sparse_ramp']:.0%} of the steps." if language.get("sparse_start") is not None else "."),
         "",
         f"Time: {sum(seconds.values()) / 60:.1f} min of training work ("
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + f") on {training['machine']['cpus']}"
         f" CPU cores, {training['machine']['torch_threads']} torch threads, load average"
         f" {training['load_start'][1]:.1f} at the start and {training['load_end'][1]:.1f} at the end"
-        " (a machine shared with other jobs; `nice -n 10`)."
+        " (a machine shared with other jobs)."
         + (f" {training['note']}" if training.get("note") else ""),
         "",
         "## Rebuild",

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.hires_detail import Scene, all_questions
+from compressors.geometry import AnyResLayout
+from compressors.packing import spatial_source_order
 from models.training.conversation import Conversation, build_conversation, training_turns
 from models.training.labels import view_labels
 
@@ -83,3 +85,20 @@ def crop_example(tokenizer, config, rng: random.Random, image: int, scene: Scene
     conversation = build_conversation(tokenizer, turns, config.image_token_id, int(keep.sum()))
     return CropExample(image, view, keep, conversation)
 
+
+
+def sparse_image_keep(layout: AnyResLayout, objects: torch.Tensor, distractors: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Stage 2b's sparse image segment: every token of an object patch (thumbnail and crops), every
+    newline and ``distractors`` random background tokens. ``[N_img]`` bool in vanilla splice order.
+
+    Args:
+        objects: ``[V, P]`` from ``object_patches``.
+    """
+    order = spatial_source_order(layout)  # [N_img] source id (view * P + patch), -1 = newline
+    is_patch = order >= 0
+    shown = objects.flatten()[order.clamp(min=0)] & is_patch  # [N_img]
+    background = (is_patch & ~shown).nonzero().flatten()
+    keep = shown | ~is_patch
+    keep[background[torch.randperm(len(background), generator=generator)[:distractors]]] = True
+    return keep

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from compressors.geometry import AnyResLayout
 from compressors.packing import pack_spatial
-from models.training.conversation import Conversation
+from models.training.conversation import ASKED, IGNORE, Conversation
 from benchmarks.hires_detail import DIGITS
 from models.training.labels import COLORS, KINDS, PRESENCE_CLASSES, ViewLabels
 
@@ -107,22 +106,6 @@ def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return feature_layer_hidden(tower, pixel_values, model.config.vision_feature_layer)[1]
 
 
-def language_loss(model, features: torch.Tensor, layout: AnyResLayout, conversation: Conversation) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens, given cached tower ``features`` ``[T, P, C]``.
-
-    The image segment is built as at inference: projector, then vanilla packing with ``image_newline``.
-    """
-    projected = model.model.multi_modal_projector(features)  # [T, P, D]
-    segment = pack_spatial(projected, layout, model.model.image_newline).embeds  # [N_img, D]
-    input_ids = conversation.input_ids.to(features.device)
-    hidden = model.model(  # one unpadded sequence: the causal mask alone (SDPA's fused causal kernel)
-        input_ids=input_ids, attention_mask=None,
-        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[segment])}, use_cache=False,
-    ).last_hidden_state  # [1, N, D]
-    logits = model.lm_head(hidden[0, conversation.positions.to(features.device)])  # [A, V]
-    return F.cross_entropy(logits, conversation.targets.to(features.device))
-
-
 @torch.no_grad()
 def whiten_projector(projector, features: torch.Tensor) -> None:
     """Fold a per-channel standardisation of the tower ``features`` ``[M, C]`` into the projector's first
@@ -137,27 +120,106 @@ def whiten_projector(projector, features: torch.Tensor) -> None:
     linear.bias.sub_(linear.weight @ mean)
 
 
-def crop_language_loss(model, crop_features: list[torch.Tensor], conversations: list[Conversation]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens over a batch of crop conversations.
+class AskedHeads(nn.Module):
+    """Stage-2 scaffolding: from a middle layer's hidden state at the position that predicts a turn's
+    answer, what the question names (``models.training.conversation.ASKED``).
 
-    ``crop_features[i]`` ``[n_i, C]`` are the tower features of the kept patches (raster order); they
-    replace the ``n_i`` ``<image>`` placeholders of ``conversations[i]``. Sequences are right-padded.
+    Why: to answer "What color is the circle?" the decoder must carry "circle" from the question to
+    the answer position *and* look up the circle among the image tokens; neither step pays off alone,
+    and a decoder trained from scratch sat at the answer prior for thousands of steps. These heads
+    teach the first step from the question's own words (never the answer, never where to look in
+    the image), so the look-up is learned by the answer loss alone. Not exported.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Linear(width, len(values)) for name, values in ASKED.items()})
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the named fields; ``hidden`` ``[Q, D]``, ``labels`` ``[Q, len(ASKED)]``."""
+        losses = [F.cross_entropy(head(hidden), labels[:, i], ignore_index=IGNORE)
+                  for i, head in enumerate(self.heads.values()) if bool((labels[:, i] != IGNORE).any())]
+        return torch.stack(losses).mean()
+
+
+@dataclass(frozen=True)
+class AskedConfig:
+    heads: AskedHeads
+    layer: int  # hidden_states index: 0 = embeddings, i = output of decoder layer i - 1
+    weight: float
+
+
+def category_balanced_mean(losses: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
+    """Mean over the categories present of each category's mean loss (``[A]`` values, ``[A]`` ids).
+
+    Why: a scene yields three count questions but at most three digit boxes, so a plain mean would
+    train mostly on counting while ``hires_detail`` scores the four types equally.
+    """
+    present, index = categories.unique(return_inverse=True)
+    sums = torch.zeros(len(present), dtype=losses.dtype, device=losses.device).index_add_(0, index, losses)
+    counts = torch.zeros(len(present), dtype=losses.dtype, device=losses.device).index_add_(0, index, torch.ones_like(losses))
+    return (sums / counts).mean()
+
+
+def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: list[Conversation],
+                      asked: AskedConfig | None = None, balance: bool = False,
+                      image_keep: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the answer tokens over a batch of conversations (+ the weighted ``asked`` loss):
+    the mean over targets, or with ``balance`` the mean over question types of their means.
+
+    ``image_keep[i]`` ``[n_i]`` bool drops image tokens of sequence ``i``; the others keep the position
+    ids they have in the whole sequence (as FastV's kept tokens do), so a sparse sequence is laid out
+    as inference lays out the full one.
+
+    ``image_embeds[i]`` ``[n_i, D]`` replace the ``n_i`` ``<image>`` placeholders of ``conversations[i]``
+    (projected already: LLaVA's merge of image features into the text embeddings). Right-padded.
     """
     language_model = model.model.language_model
     embed = language_model.get_input_embeddings()
     image_token = model.config.image_token_id
-    sequences = []
-    for features, conversation in zip(crop_features, conversations):
-        ids = conversation.input_ids[0].to(features.device)  # [N]
+    sequences, position_ids, new_index = [], [], []
+    for i, (image, conversation) in enumerate(zip(image_embeds, conversations)):
+        ids = conversation.input_ids[0].to(image.device)  # [N]
         is_image = ids == image_token
         tokens = embed(ids.masked_fill(is_image, 0))  # [N, D]
-        image = model.model.multi_modal_projector(features).to(tokens.dtype)  # [n_i, D]
-        sequences.append(tokens.masked_scatter(is_image[:, None], image))
+        sequence = tokens.masked_scatter(is_image[:, None], image.to(tokens.dtype))  # [N, D]
+        kept = torch.ones_like(is_image)
+        if image_keep is not None:
+            kept = kept.masked_scatter(is_image, image_keep[i].to(kept.device))  # text is always kept
+        sequences.append(sequence[kept])  # [N', D]
+        position_ids.append(kept.nonzero().flatten())  # [N'] ids in the whole sequence
+        new_index.append(kept.long().cumsum(0) - 1)  # [N] where each kept token sits in the sparse one
     lengths = torch.tensor([len(s) for s in sequences])
     padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # [B, L, D]
-    mask = (torch.arange(padded.shape[1])[None] < lengths[:, None]).long().to(padded.device)  # [B, L]
-    hidden = language_model(inputs_embeds=padded, attention_mask=mask).last_hidden_state  # [B, L, D]
-    rows = torch.cat([torch.full_like(c.positions, i) for i, c in enumerate(conversations)])
-    positions = torch.cat([c.positions for c in conversations])
-    logits = model.lm_head(hidden[rows.to(hidden.device), positions.to(hidden.device)])  # [A, V]
-    return F.cross_entropy(logits, torch.cat([c.targets for c in conversations]).to(hidden.device))
+    device = padded.device
+    mask = (torch.arange(padded.shape[1])[None] < lengths[:, None]).long().to(device)  # [B, L]
+    positions = torch.nn.utils.rnn.pad_sequence(position_ids, batch_first=True).to(device)  # [B, L]
+    out = language_model(inputs_embeds=padded, attention_mask=mask, position_ids=positions,
+                         output_hidden_states=asked is not None)
+
+    def gather(hidden: torch.Tensor, field: str) -> torch.Tensor:  # [B, L, D] -> [sum over i, D]
+        rows = torch.cat([torch.full_like(getattr(c, field), i) for i, c in enumerate(conversations)])
+        columns = torch.cat([index[getattr(c, field).to(index.device)] for index, c in zip(new_index, conversations)])
+        return hidden[rows.to(device), columns.to(device)]
+
+    logits = model.lm_head(gather(out.last_hidden_state, "positions"))  # [A, V]
+    targets = torch.cat([c.targets for c in conversations]).to(device)  # [A]
+    if balance:
+        categories = torch.cat([c.asked[c.target_turns, 0] for c in conversations]).to(device)  # [A]
+        answer = category_balanced_mean(F.cross_entropy(logits, targets, reduction="none"), categories)
+    else:
+        answer = F.cross_entropy(logits, targets)
+    parts = {"answer": float(answer.detach())}
+    if asked is None:
+        return answer, parts
+    labels = torch.cat([c.asked for c in conversations]).to(device)  # [Q, len(ASKED)]
+    asked_loss = asked.heads.loss(gather(out.hidden_states[asked.layer], "turn_positions"), labels)
+    parts["asked"] = float(asked_loss.detach())
+    return answer + asked.weight * asked_loss, parts
+
+
+def image_segment(model, features: torch.Tensor, layout: AnyResLayout) -> torch.Tensor:
+    """The image tokens inference feeds for cached tower ``features`` ``[T, P, C]``: projector, then vanilla
+    packing with ``image_newline``. ``[N_img, D]``."""
+    projected = model.model.multi_modal_projector(features)  # [T, P, D]
+    return pack_spatial(projected, layout, model.model.image_newline).embeds
