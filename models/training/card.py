@@ -26,6 +26,7 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "tiny_trained"
 TARGET = 85.0  # uncompressed test accuracy (%) that makes the model useful for ranking compressors
 SUBSET = 8  # the first test samples the test suite re-scores with the shipped weights
 TRAINING_LOG, METRICS, CARD = "training.json", "metrics.json", "README.md"
+FIGURE = "score_vs_ratio.png"  # copied from `python -m runners.report <runs> --out <dir>` when present
 
 
 def _is_uncompressed_test_run(summary: dict) -> bool:
@@ -116,12 +117,14 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         f" ({config['diagnostic_images']} val images, every view).",
     ]
     if sweep:
+        lines += ["", "![accuracy against ratio](score_vs_ratio.png)"] if (WEIGHTS / FIGURE).exists() else []
         lines += ["", f"Compression on the test split (first {sweep_samples or metrics['num_samples']} samples; accuracy %, "
                   "retention = layer-mean visual tokens / vanilla):", "",
                   "| compressor | ratio | retention | accuracy | " + " | ".join(categories) + " |",
                   "|---|---:|---:|---:|" + "---:|" * len(categories)]
-        for row in sorted(sweep, key=lambda r: (r["compressor"] != "none", r["compressor"], -r["ratio"])):
-            lines.append(f"| {row['compressor']} | {row['ratio']:g} | {row['retention_layer_mean']:.3f} | "
+        for row in sorted(sweep, key=lambda r: (r["compressor"] != "none", r["compressor"], -(r["ratio"] or 0))):
+            ratio = "adaptive" if row["ratio"] is None else f"{row['ratio']:g}"
+            lines.append(f"| {row['compressor']} | {ratio} | {row['retention_layer_mean']:.3f} | "
                          f"{row['accuracy']:.1f} | "
                          + " | ".join(f"{row.get(f'accuracy/{c}', float('nan')):.1f}" for c in categories) + " |")
     lines += [
