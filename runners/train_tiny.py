@@ -15,6 +15,7 @@ are refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -335,15 +336,24 @@ class TinyTrainer:
                 save_atomic(self._language_state(step + 1, optimizer, scheduler, losses), path)
                 self._save_log()
 
+    @functools.cached_property
+    def stage2_scenes(self) -> list:
+        """The scenes of the stage-2 images (the train images after stage 1's)."""
+        first = self.cfg.vision.images
+        return [training_item(self.cfg.data_seed, first + j, 1)[0] for j in range(self.cfg.language.images)]
+
+    @functools.cached_property
+    def stage2_objects(self) -> list[torch.Tensor]:
+        """Per stage-2 image, which patches of each view show an object: ``[V, P]`` bool."""
+        return [object_patches(scene, self.config) for scene in self.stage2_scenes]
+
     def crop_stage(self, features: list[torch.Tensor]) -> None:
         """Stage 2a (``models.training.crops``): batches of single-crop conversations."""
         cfg = self.cfg.language
         if cfg.crop_steps == 0:
             return
         model, tokenizer = self.model, self.processor.tokenizer
-        first = self.cfg.vision.images
-        scenes = [training_item(self.cfg.data_seed, first + j, 1)[0] for j in range(cfg.images)]
-        objects = [object_patches(scene, self.config) for scene in scenes]  # [V, P] each
+        scenes, objects = self.stage2_scenes, self.stage2_objects
         patches = objects[0].shape[1]
 
         def step_loss(step: int) -> tuple[torch.Tensor, str]:
@@ -367,22 +377,22 @@ class TinyTrainer:
         cfg = self.cfg.language
         model, tokenizer = self.model, self.processor.tokenizer
         first = self.cfg.vision.images
-        objects: dict[int, torch.Tensor] = {}  # [V, P] per image, computed when first drawn
+
+        @functools.lru_cache(maxsize=2)
+        def epoch_order(epoch: int) -> torch.Tensor:  # [images] the seeded order of one pass
+            return torch.randperm(cfg.images, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
 
         def example(index: int, step: int, generator: torch.Generator):
             epoch, position = divmod(index, cfg.images)
-            order = torch.randperm(cfg.images, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
-            j = int(order[position])
+            j = int(epoch_order(epoch)[position])
             layout, conversation = language_example(tokenizer, self.config, self.cfg.data_seed, first + j,
                                                     cfg.max_turns)
             segment = image_segment(model, features[j].to(self.device, torch.float32), layout)  # [N_img, D]
             if cfg.sparse_start is None:
                 return segment, conversation, None
-            if j not in objects:
-                objects[j] = object_patches(training_item(self.cfg.data_seed, first + j, 1)[0], self.config)
-            background = int((~objects[j]).sum())
-            distractors = distractors_at(step, cfg.steps, cfg.sparse_start, cfg.sparse_ramp, background)
-            return segment, conversation, sparse_image_keep(layout, objects[j], distractors, generator)
+            objects = self.stage2_objects[j]  # [V, P]
+            distractors = distractors_at(step, cfg.steps, cfg.sparse_start, cfg.sparse_ramp, int((~objects).sum()))
+            return segment, conversation, sparse_image_keep(layout, objects, distractors, generator)
 
         def step_loss(step: int) -> tuple[torch.Tensor, str]:
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)

@@ -6,8 +6,9 @@ to it, so no gradient tells it where to look. A ``hires_detail`` crop is a compl
 own (objects sit in 56 px cells that tile the 336 px crop, so none straddles two crops), and its
 questions are answerable from its 576 tokens alone. Stage 2a therefore trains on one crop's object
 patches plus ``distractors`` random background patches, the count growing geometrically to the
-whole crop (a distractor curriculum); stage 2b then trains on full sequences exactly as inference
-feeds them. The object patches come from stage 1's labels (``models.training.labels``).
+whole crop (a distractor curriculum). Stage 2b does the same on whole images, with every token at
+its own position id (``sparse_image_keep``), until it sees them exactly as inference feeds them.
+The object patches come from stage 1's labels (``models.training.labels``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def object_patches(scene: Scene, config) -> torch.Tensor:
     return labels.patch_object >= 0
 
 
+def with_random_extra(keep: torch.Tensor, candidates: torch.Tensor, count: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """``keep`` (bool) plus ``count`` uniformly drawn positions where ``candidates`` (bool) is true."""
+    pool = candidates.nonzero().flatten()
+    keep = keep.clone()
+    keep[pool[torch.randperm(len(pool), generator=generator)[:count]]] = True
+    return keep
+
+
 def distractors_at(step: int, steps: int, start: int, ramp: float, total: int) -> int:
     """Background patches shown at ``step``: ``start`` growing geometrically to ``total`` over the first
     ``ramp`` of the ``steps`` (then every patch)."""
@@ -74,17 +84,14 @@ def crop_example(tokenizer, config, rng: random.Random, image: int, scene: Scene
     crop = rng.randrange(rows * cols)
     view = 1 + crop  # view 0 is the thumbnail
     shown = objects[view]  # [P]
-    background = (~shown).nonzero().flatten()
     generator = torch.Generator().manual_seed(rng.getrandbits(63))
-    keep = shown.clone()
-    keep[background[torch.randperm(len(background), generator=generator)[:distractors]]] = True
+    keep = with_random_extra(shown, ~shown, distractors, generator)
 
     questions = all_questions(rng, crop_scene(scene, *divmod(crop, cols), tile_px=tile))
     primary = rng.choice([q for qs in questions.values() for q in qs])  # count questions always exist
     turns = training_turns(rng, primary, questions, max_turns)
     conversation = build_conversation(tokenizer, turns, config.image_token_id, int(keep.sum()))
     return CropExample(image, view, keep, conversation)
-
 
 
 def sparse_image_keep(layout: AnyResLayout, objects: torch.Tensor, distractors: int,
@@ -98,7 +105,4 @@ def sparse_image_keep(layout: AnyResLayout, objects: torch.Tensor, distractors: 
     order = spatial_source_order(layout)  # [N_img] source id (view * P + patch), -1 = newline
     is_patch = order >= 0
     shown = objects.flatten()[order.clamp(min=0)] & is_patch  # [N_img]
-    background = (is_patch & ~shown).nonzero().flatten()
-    keep = shown | ~is_patch
-    keep[background[torch.randperm(len(background), generator=generator)[:distractors]]] = True
-    return keep
+    return with_random_extra(shown | ~is_patch, is_patch & ~shown, distractors, generator)
