@@ -33,7 +33,7 @@ from benchmarks.synthetic import COLORS, SHAPES, SHORT_ANSWER_SUFFIX, Shape
 from compressors import build_compressor
 from models import build_pipeline
 from models.pipeline import LlavaNextPipeline
-from models.training.card import CARD, METRICS, SUBSET
+from models.training.card import CARD, METRICS, SUBSET, render_card
 from models.tiny import GRID_PINPOINTS
 from models.training.conversation import IGNORE, asked_labels, build_conversation, training_turns
 from models.training.labels import KINDS, PRESENCE_CLASSES, view_labels, view_transforms
@@ -365,3 +365,17 @@ def test_a_sparse_sequence_equals_the_whole_one_with_the_dropped_tokens_masked(u
         reference = torch.nn.functional.cross_entropy(logits[0, conversation.positions], conversation.targets)
     assert int(keep.sum()) < len(keep)
     assert torch.allclose(loss, reference, atol=1e-5)
+
+
+def test_the_shipped_card_is_rendered_from_its_training_log_and_metrics():
+    """Every number of the card comes from training.json and metrics.json (written from the runs'
+    summaries); a sweep row shows its compressor, ratio ("adaptive" when the method sets its own
+    count), retention and accuracies."""
+    training = json.loads((SHIPPED / "training.json").read_text())
+    metrics = json.loads((SHIPPED / METRICS).read_text())
+    card = (SHIPPED / CARD).read_text()
+    assert render_card(training, metrics, metrics["sweep"], metrics["sweep_samples"]) == card
+    row = {"compressor": "prumerge_plus", "ratio": None, "accuracy": 46.0, "retention_layer_mean": 0.2631,
+           "accuracy/color": 32.0, "accuracy/digit": 48.0, "accuracy/presence": 64.0, "accuracy/count": 40.0}
+    rendered = render_card(training, metrics, [row], 100)
+    assert "| prumerge_plus | adaptive | 0.263 | 46.0 | 32.0 | 48.0 | 64.0 | 40.0 |" in rendered
