@@ -80,7 +80,8 @@ TEXT_MODELS = ("llama", "mistral")
 
 
 def build_tiny_config(tokenizer: LlamaTokenizer, vision_layers: int = 3, text_layers: int = 4,
-                      text_model: str = "llama", sliding_window: int | None = None) -> LlavaNextConfig:
+                      text_model: str = "llama", sliding_window: int | None = None,
+                      rope_theta: float = 10000.0) -> LlavaNextConfig:
     """Real AnyRes geometry, small widths: vision h64 x 3 layers, decoder h128 x 4 layers, GQA 4q/2kv.
 
     ``text_model="mistral"`` gives the decoder of llava-v1.6-mistral (``MistralModel``; its
@@ -96,7 +97,7 @@ def build_tiny_config(tokenizer: LlamaTokenizer, vision_layers: int = 3, text_la
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
     )
     text = (LlamaConfig(**text_kwargs) if text_model == "llama"
             else MistralConfig(**text_kwargs, sliding_window=sliding_window))
@@ -113,6 +114,7 @@ def build_tiny_config(tokenizer: LlamaTokenizer, vision_layers: int = 3, text_la
 def build_tiny_llava_next(
     seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 3, text_layers: int = 4,
     text_model: str = "llama", sliding_window: int | None = None, tokenizer: LlamaTokenizer | None = None,
+    rope_theta: float = 10000.0,
 ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     """The tiny model (eval mode, float32, CPU) and its processor; same seed, same weights.
 
@@ -121,7 +123,7 @@ def build_tiny_llava_next(
     tokenizer = build_tiny_tokenizer() if tokenizer is None else tokenizer
     processor = build_tiny_processor(tokenizer)
     config = build_tiny_config(tokenizer, vision_layers=vision_layers, text_layers=text_layers,
-                               text_model=text_model, sliding_window=sliding_window)
+                               text_model=text_model, sliding_window=sliding_window, rope_theta=rope_theta)
     fork = torch.random.fork_rng(devices=[])
     with fork:
         torch.manual_seed(seed)
