@@ -38,11 +38,14 @@ import runners.resolvers  # noqa: F401  (registers OmegaConf resolvers)
 from benchmarks import build_benchmark
 from benchmarks.hires_detail import make_split_item
 from compressors import build_compressor
+from compressors.packing import pack_spatial
 from models.pipeline import LlavaNextPipeline
-from models.training.crops import crop_example, distractors_at, object_patches, sparse_image_keep
+from models.training.crops import crop_example, distractors_at, sparse_image_keep
 from models.training.data import image_tiles, language_example, training_item, vision_example
 from models.training.diagnostics import ThumbnailOnly, cls_attention_share
+from models.training.labels import view_labels
 from models.training.model import build_untrained, save_pretrained
+from models.training.symbolic import PatchSymbols, SymbolIds, alignment_loss, symbolic_views
 from models.training.stages import (
     AskedConfig,
     AskedHeads,
@@ -59,8 +62,9 @@ from runners.store import RunMismatchError, flatten, write_json_atomic
 log = logging.getLogger(__name__)
 
 VOLATILE_KEYS = ("export_dir", "progress", "num_threads", "checkpoint_every")  # do not change the weights
-CONFIG_FILE, VISION_CKPT, CROPS_CKPT, LANGUAGE_CKPT, FEATURES_DIR, LOG_FILE = (
-    "train_config.json", "vision.pt", "crops.pt", "language.pt", "features", "training.json")
+CONFIG_FILE, VISION_CKPT, FEATURES_DIR, LOG_FILE = "train_config.json", "vision.pt", "features", "training.json"
+SYMBOLIC_CROPS_CKPT, SYMBOLIC_CKPT, ALIGN_CKPT = "symbolic_crops.pt", "symbolic.pt", "align.pt"
+CROPS_CKPT, LANGUAGE_CKPT = "crops.pt", "language.pt"
 
 
 @dataclass
@@ -78,11 +82,22 @@ class VisionStageConfig:
 
 @dataclass
 class LanguageStageConfig:
-    """Stage 2: projector + newline + LM on cached features (the next ``images`` train images): first on
-    single crops with a growing number of background tokens (2a, ``crop_*``), then on full images (2b)."""
+    """Stage 2: projector + newline + LM on cached features (the next ``images`` train images): a warm-up
+    on symbolic image tokens and the projector's alignment to them (``symbolic_*``, ``align_*``), then
+    single crops with a growing number of background tokens (2a, ``crop_*``), then full images (2b)."""
 
     images: int = 600
     whiten_projector: bool = True  # fold the features' per-channel standardisation into the projector first
+    symbolic_crop_steps: int = 0  # warm-up on single crops with symbolic image tokens (models.training.symbolic)
+    symbolic_steps: int = 0  # then on whole images with symbolic image tokens
+    symbolic_batch: int = 8  # crops or images per symbolic step
+    symbolic_lr: float = 2e-3
+    symbolic_start: int = 8  # background tokens beside the object tokens (and newlines) at a phase's first step
+    symbolic_ramp: float = 2.0  # fraction of a phase's steps after which every token is shown (> 1: never)
+    align_steps: int = 0  # then the projector alone, onto the symbolic tokens of the cached features
+    align_batch: int = 4  # images per alignment step
+    align_lr: float = 3e-3
+    align_weight: float = 0.0  # 2a/2b: weight of that alignment loss beside the answer loss
     asked_layer: int = 2  # hidden state (0 = embeddings) on which AskedHeads predict what a question names
     asked_weight: float = 1.0  # 0: no AskedHeads
     balance_categories: bool = True  # weigh the four question types equally in the answer loss
@@ -294,10 +309,6 @@ class TinyTrainer:
     def _language_modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, **({"asked": self.asked.heads} if self.asked else {})}
 
-    def _language_state(self, step: int, optimizer, scheduler, losses: list[float]) -> dict[str, Any]:
-        return {"step": step, **{k: m.state_dict() for k, m in self._language_modules().items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "losses": losses}
-
     def prepare_language(self, features: list[torch.Tensor]) -> None:
         """The seeded ``AskedHeads`` and the whitened projector (from the first, at most, 100 cached images);
         a restored checkpoint overwrites both."""
@@ -313,13 +324,16 @@ class TinyTrainer:
             whiten_projector(self.model.model.multi_modal_projector, sample)
 
     def _language_phase(self, phase: str, description: str, path: Path, steps: int, lr: float,
-                        step_loss: Callable[[int], tuple[torch.Tensor, str]]) -> None:
-        """Train projector + newline + LM (+ AskedHeads) for ``steps`` steps of ``step_loss(step)``, resumable
-        from ``path``; losses and time are logged under ``phase``."""
+                        step_loss: Callable[[int], tuple[torch.Tensor, str]], projector_only: bool = False) -> None:
+        """Train projector + newline + LM (+ AskedHeads), or with ``projector_only`` the projector alone, for
+        ``steps`` steps of ``step_loss(step)``, resumable from ``path``; losses and time are logged under ``phase``."""
         cfg = self.cfg.language
-        params = self._language_params()
-        optimizer, scheduler = optimizer_for(params, lr, cfg.weight_decay, cfg.warmup_steps, steps)
-        start, losses = restore(path, self._language_modules(), optimizer, scheduler)
+        projector = self.model.model.multi_modal_projector
+        params = [*projector.parameters()] if projector_only else self._language_params()
+        modules = {"projector": projector} if projector_only else self._language_modules()
+        optimizer, scheduler = optimizer_for(params, lr, 0.0 if projector_only else cfg.weight_decay,
+                                             cfg.warmup_steps, steps)
+        start, losses = restore(path, modules, optimizer, scheduler)
         self.log["losses"][phase] = losses
         task = self._task(description, steps, start)
         began = time.perf_counter()
@@ -333,7 +347,9 @@ class TinyTrainer:
             if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._timed(phase, began)
                 began = time.perf_counter()
-                save_atomic(self._language_state(step + 1, optimizer, scheduler, losses), path)
+                save_atomic({"step": step + 1, **{k: m.state_dict() for k, m in modules.items()},
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "losses": losses}, path)
                 self._save_log()
 
     @functools.cached_property
@@ -343,66 +359,161 @@ class TinyTrainer:
         return [training_item(self.cfg.data_seed, first + j, 1)[0] for j in range(self.cfg.language.images)]
 
     @functools.cached_property
+    def stage2_symbols(self) -> list[PatchSymbols]:
+        """Per stage-2 image, what each patch of every view belongs to (``models.training.symbolic``)."""
+        vision = self.config.vision_config
+        return [PatchSymbols.of(view_labels(scene, self.config.image_grid_pinpoints, vision.image_size,
+                                            vision.patch_size)) for scene in self.stage2_scenes]
+
+    @functools.cached_property
     def stage2_objects(self) -> list[torch.Tensor]:
         """Per stage-2 image, which patches of each view show an object: ``[V, P]`` bool."""
-        return [object_patches(scene, self.config) for scene in self.stage2_scenes]
+        return [symbols.kind > 0 for symbols in self.stage2_symbols]
 
-    def crop_stage(self, features: list[torch.Tensor]) -> None:
-        """Stage 2a (``models.training.crops``): batches of single-crop conversations."""
+    @functools.cached_property
+    def symbol_ids(self) -> SymbolIds:
+        return SymbolIds.of(self.processor.tokenizer)
+
+    def symbolic(self, j: int) -> torch.Tensor:
+        """Stage-2 image ``j``'s symbolic tokens, ``[V, P, D]`` (``models.training.symbolic``)."""
+        embed = self.model.model.language_model.get_input_embeddings()
+        return symbolic_views(embed, self.symbol_ids, self.stage2_symbols[j])
+
+    def _alignment(self, features: list[torch.Tensor], images: list[int]) -> torch.Tensor:
+        """The projector's alignment loss on every view of ``images`` (stage-2 indices)."""
+        projector = self.model.model.multi_modal_projector
+        projected = torch.cat([projector(features[j].to(self.device, torch.float32)) for j in images])
+        return alignment_loss(projected, torch.cat([self.symbolic(j) for j in images]))
+
+    def _crop_loss(self, salt: str, steps: int, batch: int, start: int, ramp: float,
+                   tokens_of: Callable[[int, int, torch.Tensor], torch.Tensor],
+                   align_to: Optional[list[torch.Tensor]]) -> Callable[[int], tuple[torch.Tensor, str]]:
+        """A step loss over ``batch`` single-crop conversations (``models.training.crops``): a crop's object
+        patches plus ``start`` background ones growing to the whole crop after ``ramp`` of the steps; image
+        tokens ``tokens_of(j, view, keep)`` ``[n, D]``; with ``align_to``, plus the alignment loss."""
         cfg = self.cfg.language
-        if cfg.crop_steps == 0:
-            return
-        model, tokenizer = self.model, self.processor.tokenizer
-        scenes, objects = self.stage2_scenes, self.stage2_objects
+        tokenizer, scenes, objects = self.processor.tokenizer, self.stage2_scenes, self.stage2_objects
         patches = objects[0].shape[1]
 
         def step_loss(step: int) -> tuple[torch.Tensor, str]:
-            rng = random.Random(f"crops:{self.cfg.seed}:{step}")  # each step's batch depends on its index only
-            distractors = distractors_at(step, cfg.crop_steps, cfg.distractors_start, cfg.distractor_ramp, patches)
-            batch = [crop_example(tokenizer, self.config, rng, j, scenes[j], objects[j], distractors, cfg.max_turns)
-                     for j in (rng.randrange(cfg.images) for _ in range(cfg.crop_batch))]
-            projector = model.model.multi_modal_projector
-            images = [projector(features[e.image][e.view][e.keep].to(self.device, torch.float32)) for e in batch]
-            loss, parts = conversation_loss(model, images, [e.conversation for e in batch], self.asked,
+            rng = random.Random(f"{salt}:{self.cfg.seed}:{step}")  # each step's batch depends on its index only
+            distractors = distractors_at(step, steps, start, ramp, patches)
+            examples = [crop_example(tokenizer, self.config, rng, j, scenes[j], objects[j], distractors,
+                                     cfg.max_turns) for j in (rng.randrange(cfg.images) for _ in range(batch))]
+            images = [tokens_of(e.image, e.view, e.keep) for e in examples]
+            loss, parts = conversation_loss(self.model, images, [e.conversation for e in examples], self.asked,
                                             cfg.balance_categories)
+            if align_to is not None and cfg.align_weight:
+                align = self._alignment(align_to, sorted({e.image for e in examples}))
+                loss, parts["align"] = loss + cfg.align_weight * align, round(float(align.detach()), 4)
             return loss, f"{parts} background {distractors}"
 
+        return step_loss
+
+    def crop_stage(self, features: list[torch.Tensor]) -> None:
+        """Stage 2a (``models.training.crops``): batches of single-crop conversations on projected features."""
+        cfg = self.cfg.language
+        if cfg.crop_steps == 0:
+            return
+        projector = self.model.model.multi_modal_projector
+
+        def tokens_of(j: int, view: int, keep: torch.Tensor) -> torch.Tensor:
+            return projector(features[j][view][keep].to(self.device, torch.float32))
+
+        step_loss = self._crop_loss("crops", cfg.crop_steps, cfg.crop_batch, cfg.distractors_start,
+                                    cfg.distractor_ramp, tokens_of, features)
         self._language_phase("crops", "stage 2a: crops", self.run_dir / CROPS_CKPT, cfg.crop_steps, cfg.crop_lr,
                              step_loss)
 
-    def language_stage(self, features: list[torch.Tensor]) -> None:
-        """Stage 2b: whole images packed as inference packs them; with ``sparse_start``, the image segment
-        first shows its object tokens and a growing number of background tokens at their own positions
-        (``models.training.crops.sparse_image_keep``)."""
+    def _whole_image_loss(self, salt: int, steps: int, batch: int, start: Optional[int], ramp: float,
+                          segment_of: Callable[[int, Any], torch.Tensor],
+                          align_to: Optional[list[torch.Tensor]]) -> Callable[[int], tuple[torch.Tensor, str]]:
+        """A step loss over ``batch`` whole stage-2 images per step (seeded epochs; ``salt`` tells phases
+        apart): each image's conversation with the image segment ``segment_of(j, layout)`` ``[N_img, D]``;
+        with ``start``, only its object tokens, newlines and a growing number of background tokens at
+        their own position ids (``models.training.crops.sparse_image_keep``); with ``align_to`` (the
+        cached features), plus ``align_weight`` x the projector's alignment loss on the step's images."""
         cfg = self.cfg.language
-        model, tokenizer = self.model, self.processor.tokenizer
-        first = self.cfg.vision.images
+        tokenizer, first = self.processor.tokenizer, self.cfg.vision.images
 
         @functools.lru_cache(maxsize=2)
         def epoch_order(epoch: int) -> torch.Tensor:  # [images] the seeded order of one pass
-            return torch.randperm(cfg.images, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+            seed = self.cfg.seed * 100_003 + epoch + salt * 7_919
+            return torch.randperm(cfg.images, generator=torch.Generator().manual_seed(seed))
 
         def example(index: int, step: int, generator: torch.Generator):
             epoch, position = divmod(index, cfg.images)
             j = int(epoch_order(epoch)[position])
             layout, conversation = language_example(tokenizer, self.config, self.cfg.data_seed, first + j,
                                                     cfg.max_turns)
-            segment = image_segment(model, features[j].to(self.device, torch.float32), layout)  # [N_img, D]
-            if cfg.sparse_start is None:
-                return segment, conversation, None
+            segment = segment_of(j, layout)  # [N_img, D]
+            if start is None:
+                return j, segment, conversation, None
             objects = self.stage2_objects[j]  # [V, P]
-            distractors = distractors_at(step, cfg.steps, cfg.sparse_start, cfg.sparse_ramp, int((~objects).sum()))
-            return segment, conversation, sparse_image_keep(layout, objects, distractors, generator)
+            distractors = distractors_at(step, steps, start, ramp, int((~objects).sum()))
+            return j, segment, conversation, sparse_image_keep(layout, objects, distractors, generator)
 
         def step_loss(step: int) -> tuple[torch.Tensor, str]:
-            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-            segments, conversations, keeps = zip(*(example(step * cfg.batch + b, step, generator)
-                                                   for b in range(cfg.batch)))
-            loss, parts = conversation_loss(model, list(segments), list(conversations), self.asked,
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + salt * 7_919)
+            images, segments, conversations, keeps = zip(*(example(step * batch + b, step, generator)
+                                                           for b in range(batch)))
+            loss, parts = conversation_loss(self.model, list(segments), list(conversations), self.asked,
                                             cfg.balance_categories, None if keeps[0] is None else list(keeps))
+            if align_to is not None and cfg.align_weight:
+                align = self._alignment(align_to, list(images))
+                loss, parts["align"] = loss + cfg.align_weight * align, round(float(align.detach()), 4)
             shown = "" if keeps[0] is None else f" image tokens {sum(int(k.sum()) for k in keeps) / len(keeps):.0f}"
             return loss, f"{parts}{shown}"
 
+        return step_loss
+
+    def symbolic_stage(self) -> None:
+        """The warm-up on symbolic image tokens (``models.training.symbolic``): single crops, then whole
+        images, each from a few background tokens up."""
+        cfg = self.cfg.language
+        if cfg.symbolic_crop_steps:
+            step_loss = self._crop_loss("symbolic_crops", cfg.symbolic_crop_steps, cfg.symbolic_batch,
+                                        cfg.symbolic_start, cfg.symbolic_ramp,
+                                        lambda j, view, keep: self.symbolic(j)[view][keep], None)
+            self._language_phase("symbolic_crops", "stage 2: symbolic crops", self.run_dir / SYMBOLIC_CROPS_CKPT,
+                                 cfg.symbolic_crop_steps, cfg.symbolic_lr, step_loss)
+        if cfg.symbolic_steps == 0:
+            return
+        newline = self.model.model.image_newline
+
+        def segment_of(j: int, layout) -> torch.Tensor:
+            return pack_spatial(self.symbolic(j), layout, newline).embeds
+
+        step_loss = self._whole_image_loss(1, cfg.symbolic_steps, cfg.symbolic_batch, cfg.symbolic_start,
+                                           cfg.symbolic_ramp, segment_of, None)
+        self._language_phase("symbolic", "stage 2: symbolic tokens", self.run_dir / SYMBOLIC_CKPT,
+                             cfg.symbolic_steps, cfg.symbolic_lr, step_loss)
+
+    def align_stage(self, features: list[torch.Tensor]) -> None:
+        """The projector alone, onto the symbolic tokens of the cached features (every view, seeded batches)."""
+        cfg = self.cfg.language
+        if cfg.align_steps == 0:
+            return
+
+        def step_loss(step: int) -> tuple[torch.Tensor, str]:
+            rng = random.Random(f"align:{self.cfg.seed}:{step}")
+            return self._alignment(features, [rng.randrange(cfg.images) for _ in range(cfg.align_batch)]), ""
+
+        self._language_phase("align", "stage 2: projector alignment", self.run_dir / ALIGN_CKPT, cfg.align_steps,
+                             cfg.align_lr, step_loss, projector_only=True)
+
+    def language_stage(self, features: list[torch.Tensor]) -> None:
+        """Stage 2b: whole images packed as inference packs them; with ``sparse_start``, the image segment
+        first shows its object tokens and a growing number of background tokens at their own positions
+        (``models.training.crops.sparse_image_keep``)."""
+        cfg = self.cfg.language
+        model = self.model
+
+        def segment_of(j: int, layout) -> torch.Tensor:
+            return image_segment(model, features[j].to(self.device, torch.float32), layout)
+
+        step_loss = self._whole_image_loss(0, cfg.steps, cfg.batch, cfg.sparse_start, cfg.sparse_ramp, segment_of,
+                                           features)
         self._language_phase("language", "stage 2b: full images", self.run_dir / LANGUAGE_CKPT, cfg.steps, cfg.lr,
                              step_loss)
         model.eval()
@@ -429,11 +540,14 @@ class TinyTrainer:
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         self.log["load_start"] = os.getloadavg()
+        self.log["rope_theta"] = self.config.text_config.rope_parameters["rope_theta"]
         self.vision_stage()
         scenes = [make_split_item("val", self.cfg.data_seed, i)[0] for i in range(self.cfg.diagnostic_images)]
         self.log["vision_check"] = cls_attention_share(self.model, self.processor, scenes)
         features = self.cached_features()
         self.prepare_language(features)
+        self.symbolic_stage()
+        self.align_stage(features)
         self.crop_stage(features)
         self.language_stage(features)
         if self.cfg.val_samples:

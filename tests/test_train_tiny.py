@@ -36,7 +36,9 @@ from models.pipeline import LlavaNextPipeline
 from models.training.card import CARD, METRICS, SUBSET, render_card
 from models.tiny import GRID_PINPOINTS
 from models.training.conversation import IGNORE, asked_labels, build_conversation, training_turns
+from models.training.labels import COLORS as COLORS_ORDER
 from models.training.labels import KINDS, PRESENCE_CLASSES, view_labels, view_transforms
+from models.training.symbolic import PatchSymbols, SymbolIds, alignment_loss, symbolic_views
 from models.training.model import build_untrained, task_corpus
 from compressors.packing import spatial_source_order
 from models.training.crops import crop_example, crop_scene, distractors_at, object_patches, sparse_image_keep
@@ -226,6 +228,66 @@ def test_whitening_folds_a_standardisation_into_the_projector():
     assert torch.allclose(projector(features), before, atol=1e-4)
 
 
+def test_symbolic_tokens_spell_each_patchs_object_in_word_embeddings(untrained):
+    """By the definition: a red circle's patch is E[" circle?"] + E[" red"], any patch of a blue box
+    holding 7 (frame or glyph) is E[" box?"] + E[" blue"] + E[" 7"], background is E[<unk>]."""
+    model, processor = untrained
+    tokenizer = processor.tokenizer
+    embed = model.model.language_model.get_input_embeddings()
+    ids = SymbolIds.of(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ids.kind.tolist()) == [tokenizer.unk_token, "▁circle?", "▁square?",
+                                                                   "▁triangle?", "▁box?"]
+    kind = torch.tensor([[0, KINDS.index("circle"), KINDS.index("box")]])  # [V=1, P=3]
+    color = torch.tensor([[-1, COLORS_ORDER.index("red"), COLORS_ORDER.index("blue")]])
+    tokens = symbolic_views(embed, ids, PatchSymbols(kind, color, torch.tensor([[-1, -1, 7]])))  # [1, 3, D]
+
+    def word(text: str) -> torch.Tensor:
+        (token,) = tokenizer(text, add_special_tokens=False).input_ids
+        return embed.weight[token]
+
+    expected = torch.stack([embed.weight[tokenizer.unk_token_id], word(" circle?") + word(" red"),
+                            word(" box?") + word(" blue") + word(" 7")])
+    assert torch.allclose(tokens[0], expected)
+
+
+def test_patch_symbols_give_every_patch_of_a_box_its_digit():
+    """A crop with one red circle and one blue box holding 7: the circle's 2 x 2 patches say circle/red,
+    every patch the box covers most of (its frame too) says box/blue/7, the rest is background."""
+    circle = Shape("circle", "red", (14, 14, 36, 36))  # centred on the corner (28, 28): patches (1..2, 1..2)
+    box = DigitBox("7", "blue", (98, 98, 134, 134))  # 36 px centred on (116, 116)
+    scene = Scene("1x2", (336, 672), (circle,), (box,), (236, 230, 218), 0)
+    labels = view_labels(scene, GRID_PINPOINTS)
+    symbols = PatchSymbols.of(labels)
+    crop = 1  # the left crop: the image's own pixels
+    circle_patches = labels.patch_object[crop] == 0
+    box_patches = labels.patch_object[crop] == 1
+    assert int(circle_patches.sum()) == 4 and int(box_patches.sum()) >= 9
+    assert bool((symbols.kind[crop][circle_patches] == KINDS.index("circle")).all())
+    assert bool((symbols.color[crop][circle_patches] == COLORS_ORDER.index("red")).all())
+    assert bool((symbols.digit[crop][circle_patches] == -1).all())
+    assert bool((symbols.kind[crop][box_patches] == KINDS.index("box")).all())
+    assert bool((symbols.color[crop][box_patches] == COLORS_ORDER.index("blue")).all())
+    assert bool((symbols.digit[crop][box_patches] == 7).all())  # not only the glyph's patches
+    glyph = labels.patch_glyph[crop] >= 0
+    assert int(glyph.sum()) < int(box_patches.sum())
+    background = ~(circle_patches | box_patches)
+    assert bool((symbols.kind[crop][background] == 0).all()) and bool((symbols.color[crop][background] == -1).all())
+    assert bool((symbols.digit[crop][background] == -1).all())
+
+
+def test_alignment_loss_is_relative_and_pulls_only_the_projection():
+    torch.manual_seed(0)
+    symbolic = torch.randn(3, 5, 8, requires_grad=True)
+    assert float(alignment_loss(symbolic.detach().clone(), symbolic)) == 0.0
+    assert torch.isclose(alignment_loss(torch.zeros(3, 5, 8), symbolic), torch.tensor(1.0))
+    projected = torch.randn(3, 5, 8, requires_grad=True)
+    expected = ((projected - symbolic) ** 2).mean() / (symbolic ** 2).mean()
+    loss = alignment_loss(projected, symbolic)
+    assert torch.isclose(loss, expected)
+    loss.backward()
+    assert projected.grad is not None and symbolic.grad is None
+
+
 def test_a_padded_crop_batch_scores_like_each_sequence_alone(untrained):
     model, processor = untrained
     scene, _, _ = make_split_item("train", 0, 3)
@@ -245,7 +307,9 @@ def test_a_padded_crop_batch_scores_like_each_sequence_alone(untrained):
 
 SMOKE = ("vision.images=2", "vision.images_per_step=1", "language.images=1", "language.steps=2",
          "language.cache_chunk=1", "language.crop_steps=2", "language.crop_batch=2", "val_samples=1",
-         "diagnostic_images=1", "checkpoint_every=1", "progress=false")
+         "diagnostic_images=1", "checkpoint_every=1", "progress=false", "language.symbolic_crop_steps=2",
+         "language.symbolic_steps=2", "language.symbolic_batch=1", "language.align_steps=2", "language.align_batch=1")
+PHASES = ("vision", "symbolic_crops", "symbolic", "align", "crops", "language")
 
 
 class Killed(Exception):
@@ -254,7 +318,7 @@ class Killed(Exception):
 
 def test_training_runs_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight = train_tiny.train(compose_train(f"run_dir={tmp_path / 'a'}", *SMOKE))
-    assert [len(straight["losses"][k]) for k in ("vision", "crops", "language")] == [2, 2, 2]
+    assert [len(straight["losses"][k]) for k in PHASES] == [2] * len(PHASES)
     assert set(straight["val"]) >= {"accuracy"} and 0 <= straight["vision_check"]["object_patch_share"] <= 1
 
     # the same run, killed after the first checkpoint of each stage and rerun (no validation: it
@@ -262,7 +326,7 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = compose_train(f"run_dir={tmp_path / 'b'}", *(o for o in SMOKE if not o.startswith("val_samples")),
                         "val_samples=0")
     real_save = train_tiny.save_atomic
-    for kill_at in ("vision.pt", "crops.pt", "language.pt"):  # die after the first checkpoint of each stage
+    for kill_at in (f"{phase}.pt" for phase in PHASES):  # die after the first checkpoint of each stage
         def save_then_die(payload, path, kill_at=kill_at):
             real_save(payload, path)
             if path.name == kill_at and payload["step"] == 1:

@@ -75,6 +75,44 @@ def sweep_table(runs: Path, num_samples: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _sparse(start: int, ramp: float) -> str:
+    return (f"the image segment shows its object tokens, the newlines and {start} background tokens at their own"
+            " position ids, growing geometrically" + (f" to the whole image after {ramp:.0%} of the steps"
+                                                      if ramp <= 1 else f" (the whole image would come after"
+                                                      f" {ramp:g}x the steps)"))
+
+
+def _stage2_phases(language: dict[str, Any]) -> list[str]:
+    """The card's lines for stage 2's phases that ran (``symbolic``, ``align``, ``crops``, whole images)."""
+    phases = []
+    crops, images = language.get("symbolic_crop_steps", 0), language.get("symbolic_steps", 0)
+    if crops or images:
+        runs = " then ".join(text for text, steps in ((f"{crops} steps of {language['symbolic_batch']} single crops", crops),
+                                                       (f"{images} steps of {language['symbolic_batch']} whole images",
+                                                        images)) if steps)
+        phases.append(f"{runs}, with *symbolic* image tokens (each patch's token is the sum of the word embeddings"
+                      " of the object it belongs to: kind, colour and, on a digit box, its digit; `<unk>` for"
+                      f" background; `models/training/symbolic.py`), lr {language['symbolic_lr']}; each"
+                      f" {_sparse(language['symbolic_start'], language['symbolic_ramp']).replace('the image segment ', '', 1)};")
+    if language.get("align_steps"):
+        phases.append(f"{language['align_steps']} steps of {language['align_batch']} images, the projector alone:"
+                      " relative MSE of the projected cached features (every view) onto their symbolic tokens,"
+                      f" lr {language['align_lr']};")
+    if language.get("crop_steps"):
+        phases.append(f"{language['crop_steps']} steps of {language['crop_batch']} single-crop conversations, lr"
+                      f" {language['crop_lr']}: a crop's object patches plus {language['distractors_start']} random"
+                      " background patches, growing geometrically to the whole crop over the first"
+                      f" {language['distractor_ramp']:.0%} of the steps;")
+    whole = (f"{language['steps']} steps of {language.get('batch', 1)} whole image(s) (thumbnail + crops, packed"
+             f" as at inference), lr {language['lr']}")
+    if language.get("sparse_start") is not None:
+        whole += f"; {_sparse(language['sparse_start'], language['sparse_ramp'])}"
+    if language.get("align_weight"):
+        whole += f"; plus {language['align_weight']:g} x the projector's alignment loss"
+    phases.append(whole + ".")
+    return [f"   {letter}. {text}" for letter, text in zip("abcd", phases)]
+
+
 def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequence[dict[str, Any]],
                 sweep_samples: int | None = None) -> str:
     """The model card (markdown)."""
@@ -88,7 +126,9 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         "",
         "The architecture of `model=tiny` (CLIP tower h64 x 3 layers on 336 px tiles, patch 14; Llama",
         "decoder h128 x 4 layers, GQA 4q/2kv; LLaVA-NeXT's AnyRes with grids 1x2, 2x1, 2x2, 1x3, 3x1) with",
-        "a tokenizer of the task, trained from scratch on the `hires_detail` train split, so that",
+        "a tokenizer of the task" + (f" and RoPE theta {training['rope_theta']:,.0f} (`model=tiny`: 10,000)"
+                                     if training.get("rope_theta", 10000.0) != 10000.0 else "")
+        + ", trained from scratch on the `hires_detail` train split, so that",
         "compressors can be compared on a CPU with accuracies that mean something.",
         "Load it with `model=tiny_trained` (nothing is downloaded).",
         "",
@@ -97,8 +137,7 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         f"Test split, first {metrics['num_samples']} samples, uncompressed (`compressor=none`):"
         f" **{metrics['accuracy']:.1f}%** (chance {metrics['mean_chance']:.1f}%)."
         + (f" The target is {TARGET:.0f}%: reached." if metrics["accuracy"] >= TARGET else
-           f" The target is {TARGET:.0f}%: **not reached**; this checkpoint does not yet read the image well"
-           " enough to rank compressors (more stage-2 training is needed)."),
+           f" The target is {TARGET:.0f}%: **not reached** (see the weakest question types below)."),
         "",
         "| | " + " | ".join(categories) + " | all |",
         "|---|" + "---:|" * (len(categories) + 1),
@@ -145,19 +184,12 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         "   and a BCE of object centres.",
         f"2. Projector (its first layer whitened from the cached features), `image_newline` and language"
         " model on cached tower features, AdamW, with the cross-entropy of the answers of multi-turn LLaVA"
-        " conversations" + (f" plus {language['asked_weight']:g} x AskedHeads' cross-entropy (from the"
-                             f" hidden state {language['asked_layer']} at each answer position: the"
-                             " question's type, shape and colour words; never the answer, never the image)"
-                             if language.get("asked_weight") else "") + ":",
-        f"   a. {language['crop_steps']} steps of {language['crop_batch']} single-crop conversations, lr"
-        f" {language['crop_lr']}: a crop's object patches plus {language['distractors_start']} random background"
-        f" patches, growing geometrically to the whole crop over the first {language['distractor_ramp']:.0%}"
-        " of the steps;",
-        f"   b. {language['steps']} steps of {language.get('batch', 1)} whole image(s) (thumbnail + crops, packed as at"
-        f" inference), lr {language['lr']}, the first turn exactly the inference prompt"
-        + (f"; the image segment first shows its object tokens, the newlines and {language['sparse_start']}"
-           " background tokens at their own position ids, growing geometrically to the whole image after"
-           f" {language['sparse_ramp']:.0%} of the steps." if language.get("sparse_start") is not None else "."),
+        " conversations (the first turn exactly the inference prompt)"
+        + (f" plus {language['asked_weight']:g} x AskedHeads' cross-entropy (from the"
+           f" hidden state {language['asked_layer']} at each answer position: the"
+           " question's type, shape and colour words; never the answer, never the image)"
+           if language.get("asked_weight") else "") + ", in phases:",
+        *_stage2_phases(language),
         "",
         f"Time: {sum(seconds.values()) / 60:.1f} min of training work ("
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + f") on {training['machine']['cpus']}"
@@ -170,9 +202,10 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         "",
         "```bash",
         "python -m runners.train_tiny export_dir=models/weights/tiny_trained   # resumable: rerun after a kill",
-        "python -m runners.evaluate model=tiny_trained benchmark=hires_detail benchmark.num_samples="
-        f"{metrics['num_samples']}",
-        "python -m models.training.card outputs/runs/tiny_trained/hires_detail",
+        "python -m runners.evaluate -m experiment=tiny_trained_sweep   # none + every method at .5/.25/.1 (README)",
+        "python -m runners.report outputs/runs/tiny_trained --out report/ && cp report/score_vs_ratio.png"
+        " models/weights/tiny_trained/",
+        f"python -m models.training.card outputs/runs/tiny_trained/hires_detail --sweep-samples {sweep_samples or metrics['num_samples']}",
         "```",
         "",
         "Files: `model.safetensors`, `config.json`, `generation_config.json`, the processor and tokenizer",
