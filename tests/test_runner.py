@@ -309,7 +309,9 @@ def test_readme_main_command_runs(tmp_path):
     (table,) = sorted((tmp_path / "sweeps").glob(f"*/{MULTIRUN_CSV}"))
     (methods,) = [a.split("=", 1)[1].split(",") for a in args if a.startswith("compressor=")]
     assert len(table.read_text().splitlines()) == 1 + len(methods)  # one row per compressor of the sweep
-    assert sorted(p.name.split(",")[0] for p in (tmp_path / RUNS).iterdir()) == sorted(methods)
+    chosen = dict(a.split("=", 1) for a in args if a.startswith(("model=", "benchmark=")))
+    runs = tmp_path / "runs" / chosen.get("model", "tiny") / chosen.get("benchmark", "synthetic")
+    assert sorted(p.name.split(",")[0] for p in runs.iterdir()) == sorted(methods)
 
 
 @pytest.mark.slow

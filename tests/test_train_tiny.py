@@ -443,3 +443,14 @@ def test_the_shipped_card_is_rendered_from_its_training_log_and_metrics():
            "accuracy/color": 32.0, "accuracy/digit": 48.0, "accuracy/presence": 64.0, "accuracy/count": 40.0}
     rendered = render_card(training, metrics, [row], 100)
     assert "| prumerge_plus | adaptive | 0.263 | 46.0 | 32.0 | 48.0 | 64.0 | 40.0 |" in rendered
+
+
+def test_the_shipped_weights_were_trained_with_the_recipe_in_conf():
+    """``python -m runners.train_tiny`` rebuilds the shipped checkpoint: its logged config is
+    ``conf/train_tiny.yaml`` up to where it ran and wrote (and the progress bar)."""
+    shipped = json.loads((SHIPPED / "training.json").read_text())["config"]
+    recipe = OmegaConf.to_container(compose_train(), resolve=True)
+    ignored = {"run_dir", "export_dir", *train_tiny.VOLATILE_KEYS}
+    assert {k: v for k, v in shipped.items() if k not in ignored} == {k: v for k, v in recipe.items() if k not in ignored}
+    assert json.loads((SHIPPED / "config.json").read_text())["text_config"]["rope_parameters"]["rope_theta"] == \
+        build_untrained(seed=0)[0].config.text_config.rope_parameters["rope_theta"]
