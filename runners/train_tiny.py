@@ -6,7 +6,8 @@
 
 Phases (see ``models.training``): stage 1 trains the vision tower on single views; its features
 of the stage-2 images are cached; stage 2 trains projector + ``image_newline`` + language model on
-multi-turn questions; the model is then scored on the val split and exported. Everything is a
+multi-turn questions (symbolic image tokens, the projector's alignment to them, then the real
+features: ``models.training.symbolic``); the model is then scored on the val split and exported. Everything is a
 function of ``seed`` and ``data_seed``. Each phase checkpoints into ``run_dir`` (atomically, every
 ``checkpoint_every`` steps), so rerunning the same command after a kill resumes where it stopped
 and ends with the same weights as an uninterrupted run; other settings in the same ``run_dir``

@@ -7,7 +7,9 @@ Two stages, as LLaVA itself is built from a pretrained CLIP and a pretrained LLM
    GlobalCom2 assumes) and a per-patch head on the feature layer (so LLaVA's visual tokens say what
    they show);
 2. ``language``: projector, ``image_newline`` and the language model on multi-turn question
-   conversations, from tower features cached once (the tower is frozen).
+   conversations, from tower features cached once (the tower is frozen): first a warm-up on
+   symbolic image tokens and the projector's alignment to them (``symbolic``), then the real
+   features (``crops`` on single crops, optional; whole images).
 
-The heads of stage 1 are training scaffolding and are not exported.
+The heads of stage 1 and ``AskedHeads`` are training scaffolding and are not exported.
 """
