@@ -386,6 +386,17 @@ class TinyTrainer:
         projected = torch.cat([projector(features[j].to(self.device, torch.float32)) for j in images])
         return alignment_loss(projected, torch.cat([self.symbolic(j) for j in images]))
 
+    def _plus_alignment(self, loss: torch.Tensor, parts: dict[str, float], features: Optional[list[torch.Tensor]],
+                        images: list[int]) -> torch.Tensor:
+        """``loss`` plus ``align_weight`` x the alignment loss on ``images`` (logged in ``parts``); unchanged
+        without ``features`` or weight."""
+        weight = self.cfg.language.align_weight
+        if features is None or not weight:
+            return loss
+        align = self._alignment(features, images)
+        parts["align"] = round(float(align.detach()), 4)
+        return loss + weight * align
+
     def _crop_loss(self, salt: str, steps: int, batch: int, start: int, ramp: float,
                    tokens_of: Callable[[int, int, torch.Tensor], torch.Tensor],
                    align_to: Optional[list[torch.Tensor]]) -> Callable[[int], tuple[torch.Tensor, str]]:
@@ -404,9 +415,7 @@ class TinyTrainer:
             images = [tokens_of(e.image, e.view, e.keep) for e in examples]
             loss, parts = conversation_loss(self.model, images, [e.conversation for e in examples], self.asked,
                                             cfg.balance_categories)
-            if align_to is not None and cfg.align_weight:
-                align = self._alignment(align_to, sorted({e.image for e in examples}))
-                loss, parts["align"] = loss + cfg.align_weight * align, round(float(align.detach()), 4)
+            loss = self._plus_alignment(loss, parts, align_to, sorted({e.image for e in examples}))
             return loss, f"{parts} background {distractors}"
 
         return step_loss
@@ -460,9 +469,7 @@ class TinyTrainer:
                                                            for b in range(batch)))
             loss, parts = conversation_loss(self.model, list(segments), list(conversations), self.asked,
                                             cfg.balance_categories, None if keeps[0] is None else list(keeps))
-            if align_to is not None and cfg.align_weight:
-                align = self._alignment(align_to, list(images))
-                loss, parts["align"] = loss + cfg.align_weight * align, round(float(align.detach()), 4)
+            loss = self._plus_alignment(loss, parts, align_to, list(images))
             shown = "" if keeps[0] is None else f" image tokens {sum(int(k.sum()) for k in keeps) / len(keeps):.0f}"
             return loss, f"{parts}{shown}"
 
