@@ -381,10 +381,13 @@ class TinyTrainer:
         return symbolic_views(embed, self.symbol_ids, self.stage2_symbols[j])
 
     def _alignment(self, features: list[torch.Tensor], images: list[int]) -> torch.Tensor:
-        """The projector's alignment loss on every view of ``images`` (stage-2 indices)."""
+        """The projector's alignment loss on every view of ``images`` (stage-2 indices); the symbolic tokens
+        are its fixed target, so no graph is built through the embeddings for them."""
         projector = self.model.model.multi_modal_projector
         projected = torch.cat([projector(features[j].to(self.device, torch.float32)) for j in images])
-        return alignment_loss(projected, torch.cat([self.symbolic(j) for j in images]))
+        with torch.no_grad():
+            target = torch.cat([self.symbolic(j) for j in images])
+        return alignment_loss(projected, target)
 
     def _plus_alignment(self, loss: torch.Tensor, parts: dict[str, float], features: Optional[list[torch.Tensor]],
                         images: list[int]) -> torch.Tensor:

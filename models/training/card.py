@@ -75,8 +75,8 @@ def sweep_table(runs: Path, num_samples: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _sparse(start: int, ramp: float) -> str:
-    return (f"the image segment shows its object tokens, the newlines and {start} background tokens at their own"
+def _sparse(start: int, ramp: float, subject: str = "the image segment") -> str:
+    return (f"{subject} shows its object tokens, the newlines and {start} background tokens at their own"
             " position ids, growing geometrically" + (f" to the whole image after {ramp:.0%} of the steps"
                                                       if ramp <= 1 else f" (the whole image would come after"
                                                       f" {ramp:g}x the steps)"))
@@ -92,8 +92,8 @@ def _stage2_phases(language: dict[str, Any]) -> list[str]:
                                                         images)) if steps)
         phases.append(f"{runs}, with *symbolic* image tokens (each patch's token is the sum of the word embeddings"
                       " of the object it belongs to: kind, colour and, on a digit box, its digit; `<unk>` for"
-                      f" background; `models/training/symbolic.py`), lr {language['symbolic_lr']}; each"
-                      f" {_sparse(language['symbolic_start'], language['symbolic_ramp']).replace('the image segment ', '', 1)};")
+                      f" background; `models/training/symbolic.py`), lr {language['symbolic_lr']};"
+                      f" {_sparse(language['symbolic_start'], language['symbolic_ramp'], subject='each')};")
     if language.get("align_steps"):
         phases.append(f"{language['align_steps']} steps of {language['align_batch']} images, the projector alone:"
                       " relative MSE of the projected cached features (every view) onto their symbolic tokens,"
