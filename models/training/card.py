@@ -98,18 +98,18 @@ def _stage2_phases(language: dict[str, Any]) -> list[str]:
         phases.append(f"{language['align_steps']} steps of {language['align_batch']} images, the projector alone:"
                       " relative MSE of the projected cached features (every view) onto their symbolic tokens,"
                       f" lr {language['align_lr']};")
+    aligned = (f"; plus {language['align_weight']:g} x the projector's alignment loss"
+               if language.get("align_weight") else "")
     if language.get("crop_steps"):
         phases.append(f"{language['crop_steps']} steps of {language['crop_batch']} single-crop conversations, lr"
                       f" {language['crop_lr']}: a crop's object patches plus {language['distractors_start']} random"
                       " background patches, growing geometrically to the whole crop over the first"
-                      f" {language['distractor_ramp']:.0%} of the steps;")
+                      f" {language['distractor_ramp']:.0%} of the steps{aligned};")
     whole = (f"{language['steps']} steps of {language.get('batch', 1)} whole image(s) (thumbnail + crops, packed"
              f" as at inference), lr {language['lr']}")
     if language.get("sparse_start") is not None:
         whole += f"; {_sparse(language['sparse_start'], language['sparse_ramp'])}"
-    if language.get("align_weight"):
-        whole += f"; plus {language['align_weight']:g} x the projector's alignment loss"
-    phases.append(whole + ".")
+    phases.append(whole + aligned + ".")
     return [f"   {letter}. {text}" for letter, text in zip("abcd", phases)]
 
 
