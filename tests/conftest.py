@@ -13,7 +13,8 @@ from PIL import Image
 import compressors  # noqa: F401  (registers every compressor)
 from compressors import AnyResLayout, ClsAttention, Compressor, LayerKeys, VisionInput
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One torch thread per pytest-xdist worker: two workers with two threads each on 2 cores ran ~10x slower.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # (height, width) -> the grid transformers' processor gives it with LLaVA-NeXT-vicuna's pinpoints
