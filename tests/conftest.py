@@ -13,7 +13,8 @@ from PIL import Image
 import compressors  # noqa: F401  (registers every compressor)
 from compressors import AnyResLayout, ClsAttention, Compressor, LayerKeys, VisionInput
 
-# One torch thread per pytest-xdist worker: two workers with two threads each on 2 cores ran ~10x slower.
+# One torch thread per pytest-xdist worker: two 2-thread jobs on these 2 cores oversubscribe them (two
+# training runs that way took ~10x longer a step, README).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
