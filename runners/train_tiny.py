@@ -369,7 +369,7 @@ class TinyTrainer:
     @functools.cached_property
     def stage2_objects(self) -> list[torch.Tensor]:
         """Per stage-2 image, which patches of each view show an object: ``[V, P]`` bool."""
-        return [symbols.kind > 0 for symbols in self.stage2_symbols]
+        return [symbols.objects for symbols in self.stage2_symbols]
 
     @functools.cached_property
     def symbol_ids(self) -> SymbolIds:

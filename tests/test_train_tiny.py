@@ -41,7 +41,7 @@ from models.training.labels import KINDS, PRESENCE_CLASSES, view_labels, view_tr
 from models.training.symbolic import PatchSymbols, SymbolIds, alignment_loss, symbolic_views
 from models.training.model import build_untrained, task_corpus
 from compressors.packing import spatial_source_order
-from models.training.crops import crop_example, crop_scene, distractors_at, object_patches, sparse_image_keep
+from models.training.crops import crop_example, crop_scene, distractors_at, sparse_image_keep
 from models.training.data import language_example, training_item
 from models.training.stages import (
     VisionTargets,
@@ -200,7 +200,7 @@ def test_distractors_grow_geometrically_to_the_whole_crop():
 def test_a_crop_example_shows_all_object_patches_and_that_many_background_ones(untrained):
     model, processor = untrained
     scene, _, _ = make_split_item("train", 0, 7)
-    objects = object_patches(scene, model.config)  # [V, P]
+    objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects  # [V, P]
     example = crop_example(processor.tokenizer, model.config, random.Random(3), 0, scene, objects,
                            distractors=20, max_turns=12)
     shown = objects[example.view]
@@ -291,7 +291,7 @@ def test_alignment_loss_is_relative_and_pulls_only_the_projection():
 def test_a_padded_crop_batch_scores_like_each_sequence_alone(untrained):
     model, processor = untrained
     scene, _, _ = make_split_item("train", 0, 3)
-    objects = object_patches(scene, model.config)
+    objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects
     rng = random.Random(0)
     examples = [crop_example(processor.tokenizer, model.config, rng, 0, scene, objects, d, 4) for d in (5, 40)]
     features = torch.randn(len(objects), objects.shape[1], model.config.vision_config.hidden_size)  # [T, P, C]
@@ -399,7 +399,8 @@ def test_category_balanced_mean_weighs_each_question_type_equally():
 def test_a_sparse_image_shows_objects_newlines_and_that_many_background_tokens(untrained):
     model, processor = untrained
     layout, _ = language_example(processor.tokenizer, model.config, 0, 1700, 1)
-    objects = object_patches(training_item(0, 1700, 1)[0], model.config)  # [V, P]
+    scene = training_item(0, 1700, 1)[0]
+    objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects  # [V, P]
     keep = sparse_image_keep(layout, objects, 30, torch.Generator().manual_seed(0))
     order = spatial_source_order(layout)
     on_object = (order >= 0) & objects.flatten()[order.clamp(min=0)]
@@ -415,7 +416,8 @@ def test_a_sparse_sequence_equals_the_whole_one_with_the_dropped_tokens_masked(u
     layout, conversation = language_example(processor.tokenizer, model.config, 0, 1700, 4)
     torch.manual_seed(0)
     segment = image_segment(model, torch.randn(layout.num_tiles, 576, 64), layout)  # [N_img, D]
-    objects = object_patches(training_item(0, 1700, 1)[0], model.config)
+    scene = training_item(0, 1700, 1)[0]
+    objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects  # [V, P]
     keep = sparse_image_keep(layout, objects, 50, torch.Generator().manual_seed(1))
     ids = conversation.input_ids  # [1, N]
     is_image = ids[0] == model.config.image_token_id

@@ -22,7 +22,6 @@ from benchmarks.hires_detail import Scene, all_questions
 from compressors.geometry import AnyResLayout
 from compressors.packing import spatial_source_order
 from models.training.conversation import Conversation, build_conversation, training_turns
-from models.training.labels import view_labels
 
 
 def crop_scene(scene: Scene, row: int, col: int, tile_px: int = 336) -> Scene:
@@ -34,13 +33,6 @@ def crop_scene(scene: Scene, row: int, col: int, tile_px: int = 336) -> Scene:
 
     return Scene(grid="1x1", image_hw=(tile_px, tile_px), shapes=tuple(s for s in scene.shapes if inside(s.box)),
                  boxes=tuple(b for b in scene.boxes if inside(b.box)), tint=scene.tint, texture_seed=0)
-
-
-def object_patches(scene: Scene, config) -> torch.Tensor:
-    """Per view (thumbnail, then crops), which patches show an object: ``[V, P]`` bool."""
-    vision = config.vision_config
-    labels = view_labels(scene, config.image_grid_pinpoints, vision.image_size, vision.patch_size)
-    return labels.patch_object >= 0
 
 
 def with_random_extra(keep: torch.Tensor, candidates: torch.Tensor, count: int,
@@ -77,7 +69,7 @@ def crop_example(tokenizer, config, rng: random.Random, image: int, scene: Scene
     background ones, and a conversation about that crop's objects.
 
     Args:
-        objects: ``[V, P]`` from ``object_patches(scene, config)``.
+        objects: ``[V, P]``, ``models.training.symbolic.PatchSymbols.objects``.
     """
     tile = config.vision_config.image_size
     rows, cols = scene.image_hw[0] // tile, scene.image_hw[1] // tile
@@ -100,7 +92,7 @@ def sparse_image_keep(layout: AnyResLayout, objects: torch.Tensor, distractors: 
     newline and ``distractors`` random background tokens. ``[N_img]`` bool in vanilla splice order.
 
     Args:
-        objects: ``[V, P]`` from ``object_patches``.
+        objects: ``[V, P]``, ``models.training.symbolic.PatchSymbols.objects``.
     """
     order = spatial_source_order(layout)  # [N_img] source id (view * P + patch), -1 = newline
     is_patch = order >= 0

@@ -78,6 +78,11 @@ class PatchSymbols:
 
         return cls(gather(objects.kind, 0), gather(objects.color, -1), gather(digit, -1))
 
+    @property
+    def objects(self) -> torch.Tensor:
+        """``[V, P]`` bool: the patches that show an object (the object tokens the curricula always show)."""
+        return self.kind > 0
+
 
 def symbolic_views(embed: torch.nn.Embedding, ids: SymbolIds, symbols: PatchSymbols) -> torch.Tensor:
     """The symbolic image tokens of one image's views, ``[V, P, D]``: per patch the embedding of its kind
