@@ -53,7 +53,6 @@ from models.training.stages import (
     VisionHeads,
     VisionTargets,
     conversation_loss,
-    image_segment,
     tower_features,
     vision_loss,
     whiten_projector,
@@ -62,7 +61,9 @@ from runners.store import RunMismatchError, flatten, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-VOLATILE_KEYS = ("export_dir", "progress", "num_threads", "checkpoint_every")  # do not change the weights
+# These do not change the weights. num_threads does (it changes the order of float sums), so a run resumes
+# only with the threads it started with, and the same command on the same CPU build rebuilds the same bits.
+VOLATILE_KEYS = ("export_dir", "progress", "checkpoint_every")
 CONFIG_FILE, VISION_CKPT, FEATURES_DIR, LOG_FILE = "train_config.json", "vision.pt", "features", "training.json"
 SYMBOLIC_CROPS_CKPT, SYMBOLIC_CKPT, ALIGN_CKPT = "symbolic_crops.pt", "symbolic.pt", "align.pt"
 CROPS_CKPT, LANGUAGE_CKPT = "crops.pt", "language.pt"
@@ -125,7 +126,7 @@ class TrainTinyConfig:
     run_dir: str = "outputs/train_tiny"
     export_dir: str = "${run_dir}/tiny_trained"
     device: str = "cpu"
-    num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    num_threads: Optional[int] = None  # torch CPU threads (part of the run: sums in another order); None = as set
     progress: bool = True
     checkpoint_every: int = 50
     val_samples: int = 25  # val-split questions scored at the end (uncompressed and thumbnail only); 0: skip
@@ -380,23 +381,27 @@ class TinyTrainer:
         embed = self.model.model.language_model.get_input_embeddings()
         return symbolic_views(embed, self.symbol_ids, self.stage2_symbols[j])
 
-    def _alignment(self, features: list[torch.Tensor], images: list[int]) -> torch.Tensor:
-        """The projector's alignment loss on every view of ``images`` (stage-2 indices); the symbolic tokens
-        are its fixed target, so no graph is built through the embeddings for them."""
-        projector = self.model.model.multi_modal_projector
-        projected = torch.cat([projector(features[j].to(self.device, torch.float32)) for j in images])
+    def _alignment(self, features: list[torch.Tensor], images: list[int],
+                   projected: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """The projector's alignment loss on every view of ``images`` (stage-2 indices), from their
+        ``projected`` views ``[V, P, D]`` where the step has them already; the symbolic tokens are its fixed
+        target, so no graph is built through the embeddings for them."""
+        if projected is None:
+            projector = self.model.model.multi_modal_projector
+            projected = [projector(features[j].to(self.device, torch.float32)) for j in images]
+        projected = torch.cat(projected)
         with torch.no_grad():
             target = torch.cat([self.symbolic(j) for j in images])
         return alignment_loss(projected, target)
 
     def _plus_alignment(self, loss: torch.Tensor, parts: dict[str, float], features: Optional[list[torch.Tensor]],
-                        images: list[int]) -> torch.Tensor:
+                        images: list[int], projected: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """``loss`` plus ``align_weight`` x the alignment loss on ``images`` (logged in ``parts``); unchanged
         without ``features`` or weight."""
         weight = self.cfg.language.align_weight
         if features is None or not weight:
             return loss
-        align = self._alignment(features, images)
+        align = self._alignment(features, images, projected)
         parts["align"] = round(float(align.detach()), 4)
         return loss + weight * align
 
@@ -439,15 +444,18 @@ class TinyTrainer:
                              step_loss)
 
     def _whole_image_loss(self, salt: int, steps: int, batch: int, start: Optional[int], ramp: float,
-                          segment_of: Callable[[int, Any], torch.Tensor],
+                          views_of: Callable[[int], torch.Tensor],
                           align_to: Optional[list[torch.Tensor]]) -> Callable[[int], tuple[torch.Tensor, str]]:
         """A step loss over ``batch`` whole stage-2 images per step (seeded epochs; ``salt`` tells phases
-        apart): each image's conversation with the image segment ``segment_of(j, layout)`` ``[N_img, D]``;
+        apart): each image's conversation with its image tokens ``views_of(j)`` ``[V, P, D]`` packed as
+        inference packs them (``image_newline`` included);
         with ``start``, only its object tokens, newlines and a growing number of background tokens at
         their own position ids (``models.training.crops.sparse_image_keep``); with ``align_to`` (the
-        cached features), plus ``align_weight`` x the projector's alignment loss on the step's images."""
+        cached features), plus ``align_weight`` x the projector's alignment loss on the step's images
+        (on the same projected views the conversations see)."""
         cfg = self.cfg.language
         tokenizer, first = self.processor.tokenizer, self.cfg.vision.images
+        newline = self.model.model.image_newline
 
         @functools.lru_cache(maxsize=2)
         def epoch_order(epoch: int) -> torch.Tensor:  # [images] the seeded order of one pass
@@ -459,20 +467,21 @@ class TinyTrainer:
             j = int(epoch_order(epoch)[position])
             layout, conversation = language_example(tokenizer, self.config, self.cfg.data_seed, first + j,
                                                     cfg.max_turns)
-            segment = segment_of(j, layout)  # [N_img, D]
+            views = views_of(j)  # [V, P, D]
+            segment = pack_spatial(views, layout, newline).embeds  # [N_img, D]
             if start is None:
-                return j, segment, conversation, None
+                return j, views, segment, conversation, None
             objects = self.stage2_objects[j]  # [V, P]
             distractors = distractors_at(step, steps, start, ramp, int((~objects).sum()))
-            return j, segment, conversation, sparse_image_keep(layout, objects, distractors, generator)
+            return j, views, segment, conversation, sparse_image_keep(layout, objects, distractors, generator)
 
         def step_loss(step: int) -> tuple[torch.Tensor, str]:
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + salt * 7_919)
-            images, segments, conversations, keeps = zip(*(example(step * batch + b, step, generator)
-                                                           for b in range(batch)))
+            images, views, segments, conversations, keeps = zip(*(example(step * batch + b, step, generator)
+                                                                  for b in range(batch)))
             loss, parts = conversation_loss(self.model, list(segments), list(conversations), self.asked,
                                             cfg.balance_categories, None if keeps[0] is None else list(keeps))
-            loss = self._plus_alignment(loss, parts, align_to, list(images))
+            loss = self._plus_alignment(loss, parts, align_to, list(images), list(views))
             shown = "" if keeps[0] is None else f" image tokens {sum(int(k.sum()) for k in keeps) / len(keeps):.0f}"
             return loss, f"{parts}{shown}"
 
@@ -490,13 +499,8 @@ class TinyTrainer:
                                  cfg.symbolic_crop_steps, cfg.symbolic_lr, step_loss)
         if cfg.symbolic_steps == 0:
             return
-        newline = self.model.model.image_newline
-
-        def segment_of(j: int, layout) -> torch.Tensor:
-            return pack_spatial(self.symbolic(j), layout, newline).embeds
-
         step_loss = self._whole_image_loss(1, cfg.symbolic_steps, cfg.symbolic_batch, cfg.symbolic_start,
-                                           cfg.symbolic_ramp, segment_of, None)
+                                           cfg.symbolic_ramp, self.symbolic, None)
         self._language_phase("symbolic", "stage 2: symbolic tokens", self.run_dir / SYMBOLIC_CKPT,
                              cfg.symbolic_steps, cfg.symbolic_lr, step_loss)
 
@@ -519,11 +523,12 @@ class TinyTrainer:
         (``models.training.crops.sparse_image_keep``)."""
         cfg = self.cfg.language
         model = self.model
+        projector = model.model.multi_modal_projector
 
-        def segment_of(j: int, layout) -> torch.Tensor:
-            return image_segment(model, features[j].to(self.device, torch.float32), layout)
+        def views_of(j: int) -> torch.Tensor:  # [T, P, D]: the projector, once per image and step
+            return projector(features[j].to(self.device, torch.float32))
 
-        step_loss = self._whole_image_loss(0, cfg.steps, cfg.batch, cfg.sparse_start, cfg.sparse_ramp, segment_of,
+        step_loss = self._whole_image_loss(0, cfg.steps, cfg.batch, cfg.sparse_start, cfg.sparse_ramp, views_of,
                                            features)
         self._language_phase("language", "stage 2b: full images", self.run_dir / LANGUAGE_CKPT, cfg.steps, cfg.lr,
                              step_loss)

@@ -40,14 +40,13 @@ from models.training.labels import COLORS as COLORS_ORDER
 from models.training.labels import KINDS, PRESENCE_CLASSES, view_labels, view_transforms
 from models.training.symbolic import PatchSymbols, SymbolIds, alignment_loss, symbolic_views
 from models.training.model import build_untrained, task_corpus
-from compressors.packing import spatial_source_order
+from compressors.packing import pack_spatial, spatial_source_order
 from models.training.crops import crop_example, crop_scene, distractors_at, sparse_image_keep
 from models.training.data import language_example, training_item
 from models.training.stages import (
     VisionTargets,
     category_balanced_mean,
     conversation_loss,
-    image_segment,
     whiten_projector,
 )
 from tests.conftest import masked_reference_logits
@@ -308,7 +307,8 @@ def test_a_padded_crop_batch_scores_like_each_sequence_alone(untrained):
 SMOKE = ("vision.images=2", "vision.images_per_step=1", "language.images=1", "language.steps=2",
          "language.cache_chunk=1", "language.crop_steps=2", "language.crop_batch=2", "val_samples=1",
          "diagnostic_images=1", "checkpoint_every=1", "progress=false", "language.symbolic_crop_steps=2",
-         "language.symbolic_steps=2", "language.symbolic_batch=1", "language.align_steps=2", "language.align_batch=1")
+         "language.symbolic_steps=2", "language.symbolic_batch=1", "language.align_steps=2", "language.align_batch=1",
+         "num_threads=null")  # the test process keeps its threads
 PHASES = ("vision", "symbolic_crops", "symbolic", "align", "crops", "language")
 
 
@@ -415,7 +415,8 @@ def test_a_sparse_sequence_equals_the_whole_one_with_the_dropped_tokens_masked(u
     model, processor = untrained
     layout, conversation = language_example(processor.tokenizer, model.config, 0, 1700, 4)
     torch.manual_seed(0)
-    segment = image_segment(model, torch.randn(layout.num_tiles, 576, 64), layout)  # [N_img, D]
+    projected = model.model.multi_modal_projector(torch.randn(layout.num_tiles, 576, 64))  # [T, P, D]
+    segment = pack_spatial(projected, layout, model.model.image_newline).embeds  # [N_img, D]
     scene = training_item(0, 1700, 1)[0]
     objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects  # [V, P]
     keep = sparse_image_keep(layout, objects, 50, torch.Generator().manual_seed(1))

@@ -12,8 +12,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compressors.geometry import AnyResLayout
-from compressors.packing import pack_spatial
 from models.training.conversation import ASKED, IGNORE, Conversation
 from benchmarks.hires_detail import DIGITS
 from models.training.labels import COLORS, KINDS, PRESENCE_CLASSES, ViewLabels
@@ -216,10 +214,3 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
     asked_loss = asked.heads.loss(gather(out.hidden_states[asked.layer], "turn_positions"), labels)
     parts["asked"] = float(asked_loss.detach())
     return answer + asked.weight * asked_loss, parts
-
-
-def image_segment(model, features: torch.Tensor, layout: AnyResLayout) -> torch.Tensor:
-    """The image tokens inference feeds for cached tower ``features`` ``[T, P, C]``: projector, then vanilla
-    packing with ``image_newline``. ``[N_img, D]``."""
-    projected = model.model.multi_modal_projector(features)  # [T, P, D]
-    return pack_spatial(projected, layout, model.model.image_newline).embeds
