@@ -194,8 +194,7 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         f"Time: {sum(seconds.values()) / 60:.1f} min of training work ("
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + f") on {training['machine']['cpus']}"
         f" CPU cores, {training['machine']['torch_threads']} torch threads, load average"
-        f" {training['load_start'][1]:.1f} at the start and {training['load_end'][1]:.1f} at the end"
-        " (a machine shared with other jobs)."
+        f" {training['load_start'][1]:.1f} at the start and {training['load_end'][1]:.1f} at the end."
         + (f" {training['note']}" if training.get("note") else ""),
         "",
         "## Rebuild",
