@@ -580,14 +580,19 @@ class TinyTrainer:
         return self.log
 
 
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that decide the weights (all but ``VOLATILE_KEYS``): a run resumes only with these."""
+    identity = OmegaConf.to_container(cfg, resolve=True)
+    for key in VOLATILE_KEYS:
+        identity.pop(key, None)
+    return identity
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns the training log."""
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    identity = OmegaConf.to_container(cfg, resolve=True)
-    for key in VOLATILE_KEYS:
-        identity.pop(key, None)
-    check_run_dir(Path(cfg.run_dir), identity)
+    check_run_dir(Path(cfg.run_dir), run_identity(cfg))
     with progress_bar(cfg.progress) as progress:
         return TinyTrainer(cfg, progress).run()
 

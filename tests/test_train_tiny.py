@@ -448,6 +448,13 @@ def test_the_shipped_card_is_rendered_from_its_training_log_and_metrics():
     assert "| prumerge_plus | adaptive | 0.263 | 46.0 | 32.0 | 48.0 | 64.0 | 40.0 |" in rendered
 
 
+def test_a_run_resumes_only_with_its_own_thread_count():
+    """Another thread count sums floats in another order (other weights); the progress bar changes nothing."""
+    identity = train_tiny.run_identity
+    assert identity(compose_train("num_threads=1")) != identity(compose_train("num_threads=2"))
+    assert identity(compose_train("progress=true")) == identity(compose_train("progress=false"))
+
+
 def test_the_shipped_weights_were_trained_with_the_recipe_in_conf():
     """``python -m runners.train_tiny`` rebuilds the shipped checkpoint: its logged config is
     ``conf/train_tiny.yaml`` up to where it ran and wrote (and the progress bar)."""
