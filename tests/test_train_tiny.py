@@ -61,6 +61,11 @@ def untrained():
     return build_untrained(seed=0)
 
 
+def scene_objects(scene, config) -> torch.Tensor:
+    """Per view, which patches show an object (``[V, P]`` bool), as the trainer's curricula take them."""
+    return PatchSymbols.of(view_labels(scene, config.image_grid_pinpoints)).objects
+
+
 def compose_train(*overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -199,7 +204,7 @@ def test_distractors_grow_geometrically_to_the_whole_crop():
 def test_a_crop_example_shows_all_object_patches_and_that_many_background_ones(untrained):
     model, processor = untrained
     scene, _, _ = make_split_item("train", 0, 7)
-    objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects  # [V, P]
+    objects = scene_objects(scene, model.config)  # [V, P]
     example = crop_example(processor.tokenizer, model.config, random.Random(3), 0, scene, objects,
                            distractors=20, max_turns=12)
     shown = objects[example.view]
@@ -290,7 +295,7 @@ def test_alignment_loss_is_relative_and_pulls_only_the_projection():
 def test_a_padded_crop_batch_scores_like_each_sequence_alone(untrained):
     model, processor = untrained
     scene, _, _ = make_split_item("train", 0, 3)
-    objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects
+    objects = scene_objects(scene, model.config)
     rng = random.Random(0)
     examples = [crop_example(processor.tokenizer, model.config, rng, 0, scene, objects, d, 4) for d in (5, 40)]
     features = torch.randn(len(objects), objects.shape[1], model.config.vision_config.hidden_size)  # [T, P, C]
@@ -400,7 +405,7 @@ def test_a_sparse_image_shows_objects_newlines_and_that_many_background_tokens(u
     model, processor = untrained
     layout, _ = language_example(processor.tokenizer, model.config, 0, 1700, 1)
     scene = training_item(0, 1700, 1)[0]
-    objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects  # [V, P]
+    objects = scene_objects(scene, model.config)  # [V, P]
     keep = sparse_image_keep(layout, objects, 30, torch.Generator().manual_seed(0))
     order = spatial_source_order(layout)
     on_object = (order >= 0) & objects.flatten()[order.clamp(min=0)]
@@ -418,7 +423,7 @@ def test_a_sparse_sequence_equals_the_whole_one_with_the_dropped_tokens_masked(u
     projected = model.model.multi_modal_projector(torch.randn(layout.num_tiles, 576, 64))  # [T, P, D]
     segment = pack_spatial(projected, layout, model.model.image_newline).embeds  # [N_img, D]
     scene = training_item(0, 1700, 1)[0]
-    objects = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints)).objects  # [V, P]
+    objects = scene_objects(scene, model.config)  # [V, P]
     keep = sparse_image_keep(layout, objects, 50, torch.Generator().manual_seed(1))
     ids = conversation.input_ids  # [1, N]
     is_image = ids[0] == model.config.image_token_id
