@@ -6,7 +6,7 @@
 
 Phases (see ``models.training``): stage 1 trains the vision tower on single views; its features
 of the stage-2 images are cached; stage 2 trains projector + ``image_newline`` + language model on
-multi-turn questions (symbolic image tokens, the projector's alignment to them, then the real
+several questions per image (symbolic image tokens, the projector's alignment to them, then the real
 features: ``models.training.symbolic``); the model is then scored on the val split and exported. Everything is a
 function of ``seed`` and ``data_seed``. Each phase checkpoints into ``run_dir`` (atomically, every
 ``checkpoint_every`` steps), so rerunning the same command after a kill resumes where it stopped
@@ -103,6 +103,7 @@ class LanguageStageConfig:
     asked_layer: int = 2  # hidden state (0 = embeddings) on which AskedHeads predict what a question names
     asked_weight: float = 1.0  # 0: no AskedHeads
     balance_categories: bool = True  # weigh the four question types equally in the answer loss
+    independent_turns: bool = False  # each turn sees the image and itself only (no answer read off another)
     crop_steps: int = 1500
     crop_batch: int = 8  # crop conversations per step
     crop_lr: float = 2e-3
@@ -419,7 +420,7 @@ class TinyTrainer:
             rng = random.Random(f"{salt}:{self.cfg.seed}:{step}")  # each step's batch depends on its index only
             distractors = distractors_at(step, steps, start, ramp, patches)
             examples = [crop_example(tokenizer, self.config, rng, j, scenes[j], objects[j], distractors,
-                                     cfg.max_turns) for j in (rng.randrange(cfg.images) for _ in range(batch))]
+                                     cfg.max_turns, cfg.independent_turns) for j in (rng.randrange(cfg.images) for _ in range(batch))]
             images = [tokens_of(e.image, e.view, e.keep) for e in examples]
             loss, parts = conversation_loss(self.model, images, [e.conversation for e in examples], self.asked,
                                             cfg.balance_categories)
@@ -466,7 +467,7 @@ class TinyTrainer:
             epoch, position = divmod(index, cfg.images)
             j = int(epoch_order(epoch)[position])
             layout, conversation = language_example(tokenizer, self.config, self.cfg.data_seed, first + j,
-                                                    cfg.max_turns)
+                                                    cfg.max_turns, cfg.independent_turns)
             views = views_of(j)  # [V, P, D]
             segment = pack_spatial(views, layout, newline).embeds  # [N_img, D]
             if start is None:

@@ -279,6 +279,47 @@ def test_patch_symbols_give_every_patch_of_a_box_its_digit():
     assert bool((symbols.digit[crop][background] == -1).all())
 
 
+def answer_logits(model, images: list[torch.Tensor], conversations: list, image_keep=None) -> torch.Tensor:
+    """The ``[A, V]`` logits ``conversation_loss`` scores (captured at ``lm_head``)."""
+    captured = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        with torch.no_grad():
+            conversation_loss(model, images, conversations, image_keep=image_keep)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def test_independent_turns_score_each_question_as_its_own_single_turn_prompt(untrained):
+    """By the definition: every turn of an independent conversation gets the logits of the inference
+    prompt of its question alone (whole image and sparse, alone and in a padded batch); an ordinary
+    conversation's later turns do not (they see the earlier turns)."""
+    model, processor = untrained
+    tokenizer, config = processor.tokenizer, model.config
+    _, turns = training_item(0, 3000, 12)
+    assert len(turns) >= 6
+    torch.manual_seed(0)
+    image = torch.randn(200, config.text_config.hidden_size) * 0.5  # [n_img, D]
+    keep = torch.rand(200) < 0.3
+    packed = build_conversation(tokenizer, turns, config.image_token_id, 200, independent=True)
+    short = build_conversation(tokenizer, turns[:3], config.image_token_id, 200, independent=True)
+    for image_keep in (None, [keep]):
+        alone = answer_logits(model, [image], [packed], image_keep)
+        batched = answer_logits(model, [image, image], [short, packed], None if image_keep is None else [keep, keep])
+        assert torch.allclose(batched[len(short.targets):], alone, atol=1e-5)
+        for turn, question in enumerate(turns):
+            single = build_conversation(tokenizer, [question], config.image_token_id, 200)
+            assert torch.equal(packed.targets[packed.target_turns == turn], single.targets)
+            assert torch.allclose(alone[packed.target_turns == turn], answer_logits(model, [image], [single], image_keep),
+                                  atol=1e-4)
+    dependent = build_conversation(tokenizer, turns, config.image_token_id, 200)
+    last = len(turns) - 1
+    single = build_conversation(tokenizer, [turns[last]], config.image_token_id, 200)
+    assert not torch.allclose(answer_logits(model, [image], [dependent])[dependent.target_turns == last],
+                              answer_logits(model, [image], [single]), atol=1e-4)
+
+
 def test_alignment_loss_is_relative_and_pulls_only_the_projection():
     torch.manual_seed(0)
     symbolic = torch.randn(3, 5, 8, requires_grad=True)

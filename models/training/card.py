@@ -183,8 +183,11 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         "   (last layer) and, per patch of the feature layer (-2), cross-entropies of kind, colour and digit",
         "   and a BCE of object centres.",
         f"2. Projector (its first layer whitened from the cached features), `image_newline` and language"
-        " model on cached tower features, AdamW, with the cross-entropy of the answers of multi-turn LLaVA"
-        " conversations (the first turn exactly the inference prompt)"
+        " model on cached tower features, AdamW, with the cross-entropy of the answers of "
+        + ("several questions per image, each turn exactly the inference prompt of its own question (it sees"
+           " the system prompt, the image and itself, never another turn's answer)"
+           if language.get("independent_turns") else
+           "multi-turn LLaVA conversations (the first turn exactly the inference prompt)")
         + (f" plus {language['asked_weight']:g} x AskedHeads' cross-entropy (from the"
            f" hidden state {language['asked_layer']} at each answer position: the"
            " question's type, shape and colour words; never the answer, never the image)"

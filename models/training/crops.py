@@ -64,7 +64,7 @@ class CropExample:
 
 
 def crop_example(tokenizer, config, rng: random.Random, image: int, scene: Scene, objects: torch.Tensor,
-                 distractors: int, max_turns: int) -> CropExample:
+                 distractors: int, max_turns: int, independent_turns: bool = False) -> CropExample:
     """A random crop of ``scene`` (train image ``image``), its object patches plus ``distractors`` random
     background ones, and a conversation about that crop's objects.
 
@@ -82,7 +82,8 @@ def crop_example(tokenizer, config, rng: random.Random, image: int, scene: Scene
     questions = all_questions(rng, crop_scene(scene, *divmod(crop, cols), tile_px=tile))
     primary = rng.choice([q for qs in questions.values() for q in qs])  # count questions always exist
     turns = training_turns(rng, primary, questions, max_turns)
-    conversation = build_conversation(tokenizer, turns, config.image_token_id, int(keep.sum()))
+    conversation = build_conversation(tokenizer, turns, config.image_token_id, int(keep.sum()),
+                                      independent=independent_turns)
     return CropExample(image, view, keep, conversation)
 
 

@@ -80,10 +80,11 @@ def scene_layout(config, scene: Scene) -> AnyResLayout:
                             config.vision_config.patch_size)
 
 
-def language_example(tokenizer, config, data_seed: int, index: int, max_turns: int
-                     ) -> tuple[AnyResLayout, Conversation]:
+def language_example(tokenizer, config, data_seed: int, index: int, max_turns: int,
+                     independent_turns: bool = False) -> tuple[AnyResLayout, Conversation]:
     """The layout and the conversation of train image ``index`` (its tower features are cached apart)."""
     scene, turns = training_item(data_seed, index, max_turns)
     layout = scene_layout(config, scene)
-    conversation = build_conversation(tokenizer, turns, config.image_token_id, layout.vanilla_token_count())
+    conversation = build_conversation(tokenizer, turns, config.image_token_id, layout.vanilla_token_count(),
+                                      independent=independent_turns)
     return layout, conversation

@@ -159,6 +159,69 @@ def category_balanced_mean(losses: torch.Tensor, categories: torch.Tensor) -> to
     return (sums / counts).mean()
 
 
+def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
+def _later_turns_mask(conversations: list[Conversation], kept_index: list[torch.Tensor], first_len: list[int],
+                      cached: int, length: int) -> torch.Tensor:
+    """``[B, 1, length, cached + length]`` bool: what the later turns' tokens (the second pass's queries)
+    attend to among the first pass's ``cached`` keys and their own, by ``Conversation.attention``; a
+    padding query attends to itself only, so no row is empty."""
+    mask = torch.zeros(len(conversations), 1, length, cached + length, dtype=torch.bool)
+    mask[:, 0, :, cached:] = torch.eye(length, dtype=torch.bool)
+    for i, (conversation, index, n0) in enumerate(zip(conversations, kept_index, first_len)):
+        rows = conversation.attention(index.cpu())[n0:]  # [n - n0, n]
+        mask[i, 0, :len(rows), :n0] = rows[:, :n0]
+        mask[i, 0, :len(rows), cached:cached + len(rows)] = rows[:, n0:]
+    return mask
+
+
+def _forward(language_model, sequences: list[torch.Tensor], position_ids: list[torch.Tensor],
+             conversations: list[Conversation], kept_index: list[torch.Tensor], hidden_states: bool
+             ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]] | None]:
+    """Per sequence its last hidden states ``[n_i, D]`` (and with ``hidden_states``, every layer's).
+
+    A conversation of independent turns runs in two passes: turn 0 (system, image, its question and
+    answer) causally, as every conversation does, then the later turns' few tokens on its KV cache,
+    each seeing the prefix it shares and itself. One masked pass over the whole sequence would give
+    the same values but cost a full, not a causal, attention over the ~3k image tokens.
+    """
+    lengths = torch.tensor([len(s) for s in sequences])
+    if all(c.token_turns is None for c in conversations):
+        padded = _pad(sequences)  # [B, L, D]
+        mask = (torch.arange(padded.shape[1])[None] < lengths[:, None]).long().to(padded.device)  # [B, L]
+        out = language_model(inputs_embeds=padded, attention_mask=mask, position_ids=_pad(position_ids).to(padded.device),
+                             output_hidden_states=hidden_states)
+        last = [out.last_hidden_state[i, :n] for i, n in enumerate(lengths.tolist())]
+        every = [[h[i, :n] for h in out.hidden_states] for i, n in enumerate(lengths.tolist())] if hidden_states else None
+        return last, every
+    if any(c.token_turns is None for c in conversations):
+        raise ValueError("a batch mixes independent and dependent conversations")
+    first_len = [int((c.token_turns.to(index.device)[index] == 0).sum()) for c, index in zip(conversations, kept_index)]
+    first = _pad([s[:n] for s, n in zip(sequences, first_len)])  # [B, L1, D]
+    device = first.device
+    mask = (torch.arange(first.shape[1])[None] < torch.tensor(first_len)[:, None]).long().to(device)  # [B, L1]
+    out1 = language_model(inputs_embeds=first, attention_mask=mask, use_cache=True,
+                          position_ids=_pad([p[:n] for p, n in zip(position_ids, first_len)]).to(device),
+                          output_hidden_states=hidden_states)
+    later = _pad([s[n:] for s, n in zip(sequences, first_len)])  # [B, L2, D]
+    later_mask = _later_turns_mask(conversations, kept_index, first_len, first.shape[1], later.shape[1])
+    out2 = language_model(inputs_embeds=later, attention_mask=later_mask.to(device), cache=out1.cache,
+                          position_ids=_pad([p[n:] for p, n in zip(position_ids, first_len)]).to(device),
+                          output_hidden_states=hidden_states)
+
+    def joined(h1: torch.Tensor, h2: torch.Tensor) -> list[torch.Tensor]:  # [B, L1, D], [B, L2, D] -> [n_i, D]
+        return [torch.cat([h1[i, :n0], h2[i, :n - n0]]) for i, (n0, n) in enumerate(zip(first_len, lengths.tolist()))]
+
+    last = joined(out1.last_hidden_state, out2.last_hidden_state)
+    every = None
+    if hidden_states:
+        layers = [joined(h1, h2) for h1, h2 in zip(out1.hidden_states, out2.hidden_states)]  # [layer][i]
+        every = [[layer[i] for layer in layers] for i in range(len(sequences))]
+    return last, every
+
+
 def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: list[Conversation],
                       asked: AskedConfig | None = None, balance: bool = False,
                       image_keep: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -175,7 +238,7 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
     language_model = model.model.language_model
     embed = language_model.get_input_embeddings()
     image_token = model.config.image_token_id
-    sequences, position_ids, new_index = [], [], []
+    sequences, position_ids, new_index, kept_index = [], [], [], []
     for i, (image, conversation) in enumerate(zip(image_embeds, conversations)):
         ids = conversation.input_ids[0].to(image.device)  # [N]
         is_image = ids == image_token
@@ -184,23 +247,20 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
         kept = torch.ones_like(is_image)
         if image_keep is not None:
             kept = kept.masked_scatter(is_image, image_keep[i].to(kept.device))  # text is always kept
+        index = kept.nonzero().flatten()  # [N'] the kept tokens' places in the whole sequence
         sequences.append(sequence[kept])  # [N', D]
-        position_ids.append(kept.nonzero().flatten())  # [N'] ids in the whole sequence
+        position_ids.append(index if conversation.position_ids is None
+                            else conversation.position_ids.to(index.device)[index])  # [N']
         new_index.append(kept.long().cumsum(0) - 1)  # [N] where each kept token sits in the sparse one
-    lengths = torch.tensor([len(s) for s in sequences])
-    padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # [B, L, D]
-    device = padded.device
-    mask = (torch.arange(padded.shape[1])[None] < lengths[:, None]).long().to(device)  # [B, L]
-    positions = torch.nn.utils.rnn.pad_sequence(position_ids, batch_first=True).to(device)  # [B, L]
-    out = language_model(inputs_embeds=padded, attention_mask=mask, position_ids=positions,
-                         output_hidden_states=asked is not None)
+        kept_index.append(index)
+    last, every = _forward(language_model, sequences, position_ids, conversations, kept_index, asked is not None)
+    device = last[0].device
 
-    def gather(hidden: torch.Tensor, field: str) -> torch.Tensor:  # [B, L, D] -> [sum over i, D]
-        rows = torch.cat([torch.full_like(getattr(c, field), i) for i, c in enumerate(conversations)])
-        columns = torch.cat([index[getattr(c, field).to(index.device)] for index, c in zip(new_index, conversations)])
-        return hidden[rows.to(device), columns.to(device)]
+    def gather(hidden: list[torch.Tensor], field: str) -> torch.Tensor:  # per sequence [n_i, D] -> [sum, D]
+        return torch.cat([h[index[getattr(c, field).to(index.device)].to(device)]
+                          for h, index, c in zip(hidden, new_index, conversations)])
 
-    logits = model.lm_head(gather(out.last_hidden_state, "positions"))  # [A, V]
+    logits = model.lm_head(gather(last, "positions"))  # [A, V]
     targets = torch.cat([c.targets for c in conversations]).to(device)  # [A]
     if balance:
         categories = torch.cat([c.asked[c.target_turns, 0] for c in conversations]).to(device)  # [A]
@@ -211,6 +271,6 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
     if asked is None:
         return answer, parts
     labels = torch.cat([c.asked for c in conversations]).to(device)  # [Q, len(ASKED)]
-    asked_loss = asked.heads.loss(gather(out.hidden_states[asked.layer], "turn_positions"), labels)
+    asked_loss = asked.heads.loss(gather([layers[asked.layer] for layers in every], "turn_positions"), labels)
     parts["asked"] = float(asked_loss.detach())
     return answer + asked.weight * asked_loss, parts
