@@ -182,42 +182,39 @@ def _forward(language_model, sequences: list[torch.Tensor], position_ids: list[t
              ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]] | None]:
     """Per sequence its last hidden states ``[n_i, D]`` (and with ``hidden_states``, every layer's).
 
-    A conversation of independent turns runs in two passes: turn 0 (system, image, its question and
-    answer) causally, as every conversation does, then the later turns' few tokens on its KV cache,
-    each seeing the prefix it shares and itself. One masked pass over the whole sequence would give
-    the same values but cost a full, not a causal, attention over the ~3k image tokens.
+    A conversation runs causally; one of independent turns in two passes: turn 0 (system, image, its
+    question and answer) causally, then the later turns' few tokens on its KV cache, each seeing the
+    prefix it shares and itself. One masked pass over the whole sequence would give the same values
+    but cost a full, not a causal, attention over the ~3k image tokens.
     """
-    lengths = torch.tensor([len(s) for s in sequences])
-    if all(c.token_turns is None for c in conversations):
-        padded = _pad(sequences)  # [B, L, D]
-        mask = (torch.arange(padded.shape[1])[None] < lengths[:, None]).long().to(padded.device)  # [B, L]
-        out = language_model(inputs_embeds=padded, attention_mask=mask, position_ids=_pad(position_ids).to(padded.device),
-                             output_hidden_states=hidden_states)
-        last = [out.last_hidden_state[i, :n] for i, n in enumerate(lengths.tolist())]
-        every = [[h[i, :n] for h in out.hidden_states] for i, n in enumerate(lengths.tolist())] if hidden_states else None
-        return last, every
-    if any(c.token_turns is None for c in conversations):
-        raise ValueError("a batch mixes independent and dependent conversations")
-    first_len = [int((c.token_turns.to(index.device)[index] == 0).sum()) for c, index in zip(conversations, kept_index)]
+    lengths = [len(s) for s in sequences]
+    first_len = [n if c.token_turns is None else int((c.token_turns.to(index.device)[index] == 0).sum())
+                 for n, c, index in zip(lengths, conversations, kept_index)]
     first = _pad([s[:n] for s, n in zip(sequences, first_len)])  # [B, L1, D]
     device = first.device
     mask = (torch.arange(first.shape[1])[None] < torch.tensor(first_len)[:, None]).long().to(device)  # [B, L1]
-    out1 = language_model(inputs_embeds=first, attention_mask=mask, use_cache=True,
+    later_turns = any(n0 < n for n0, n in zip(first_len, lengths))
+    out1 = language_model(inputs_embeds=first, attention_mask=mask, use_cache=later_turns,
                           position_ids=_pad([p[:n] for p, n in zip(position_ids, first_len)]).to(device),
                           output_hidden_states=hidden_states)
-    later = _pad([s[n:] for s, n in zip(sequences, first_len)])  # [B, L2, D]
-    later_mask = _later_turns_mask(conversations, kept_index, first_len, first.shape[1], later.shape[1])
-    out2 = language_model(inputs_embeds=later, attention_mask=later_mask.to(device), cache=out1.cache,
-                          position_ids=_pad([p[n:] for p, n in zip(position_ids, first_len)]).to(device),
-                          output_hidden_states=hidden_states)
+    outputs = [(out1.last_hidden_state, out1.hidden_states)]
+    if later_turns:
+        later = _pad([s[n:] for s, n in zip(sequences, first_len)])  # [B, L2, D]
+        later_mask = _later_turns_mask(conversations, kept_index, first_len, first.shape[1], later.shape[1])
+        out2 = language_model(inputs_embeds=later, attention_mask=later_mask.to(device), cache=out1.cache,
+                              position_ids=_pad([p[n:] for p, n in zip(position_ids, first_len)]).to(device),
+                              output_hidden_states=hidden_states)
+        outputs.append((out2.last_hidden_state, out2.hidden_states))
 
-    def joined(h1: torch.Tensor, h2: torch.Tensor) -> list[torch.Tensor]:  # [B, L1, D], [B, L2, D] -> [n_i, D]
-        return [torch.cat([h1[i, :n0], h2[i, :n - n0]]) for i, (n0, n) in enumerate(zip(first_len, lengths.tolist()))]
+    def joined(passes: list[torch.Tensor]) -> list[torch.Tensor]:  # [B, L1, D] (, [B, L2, D]) -> [n_i, D]
+        if len(passes) == 1:
+            return [passes[0][i, :n] for i, n in enumerate(lengths)]
+        return [torch.cat([passes[0][i, :n0], passes[1][i, :n - n0]]) for i, (n0, n) in enumerate(zip(first_len, lengths))]
 
-    last = joined(out1.last_hidden_state, out2.last_hidden_state)
+    last = joined([h for h, _ in outputs])
     every = None
     if hidden_states:
-        layers = [joined(h1, h2) for h1, h2 in zip(out1.hidden_states, out2.hidden_states)]  # [layer][i]
+        layers = [joined(list(per_pass)) for per_pass in zip(*(hs for _, hs in outputs))]  # [layer][i]
         every = [[layer[i] for layer in layers] for i in range(len(sequences))]
     return last, every
 
