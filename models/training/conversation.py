@@ -79,6 +79,11 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def _answer_ids(tokenizer, question: Question) -> list[int]:
+    """What the assistant says: the answer word(s), then ``</s>``."""
+    return _ids(tokenizer, " " + question.answer) + [tokenizer.eos_token_id]
+
+
 def build_conversation(tokenizer, questions: Sequence[Question], image_token_id: int, image_tokens: int,
                        prompt_format: str = "vicuna_v1", independent: bool = False) -> Conversation:
     """Token ids of a conversation about one image (``questions[0]`` is the inference-format turn).
@@ -98,7 +103,7 @@ def build_conversation(tokenizer, questions: Sequence[Question], image_token_id:
     for turn, question in enumerate(questions):
         if turn:
             ids += _ids(tokenizer, FOLLOW_UP.format(question=question.text + SHORT_ANSWER_SUFFIX))
-        answer = _ids(tokenizer, " " + question.answer) + [tokenizer.eos_token_id]
+        answer = _answer_ids(tokenizer, question)
         turn_positions.append(len(ids) - 1)
         target_turns += [turn] * len(answer)
         positions += range(len(ids) - 1, len(ids) - 1 + len(answer))
@@ -132,7 +137,7 @@ def _independent_conversation(tokenizer, questions: Sequence[Question], image_to
                 shared += 1
             if shared <= image_at:
                 raise ValueError(f"turn {turn}'s prompt departs from the first before the image")
-        own = prompt[shared:] + _ids(tokenizer, " " + question.answer) + [tokenizer.eos_token_id]
+        own = prompt[shared:] + _answer_ids(tokenizer, question)
         answer_len = len(own) - (len(prompt) - shared)
         start = len(ids)
         turn_positions.append(start + len(prompt) - shared - 1)
