@@ -105,6 +105,7 @@ class LanguageStageConfig:
     balance_categories: bool = True  # weigh the four question types equally in the answer loss
     independent_turns: bool = False  # each turn sees the image and itself only (no answer read off another)
     crop_steps: int = 1500
+    paste_boxes: float = 0.0  # 2a: share of crops that get the image's other digit boxes (models.training.crops)
     crop_batch: int = 8  # crop conversations per step
     crop_lr: float = 2e-3
     distractors_start: int = 16  # background patches beside a crop's object patches at the first step
@@ -407,11 +408,12 @@ class TinyTrainer:
         return loss + weight * align
 
     def _crop_loss(self, salt: str, steps: int, batch: int, start: int, ramp: float,
-                   tokens_of: Callable[[int, int, torch.Tensor], torch.Tensor],
+                   tokens_of: Callable[[int, torch.Tensor], torch.Tensor], paste: float,
                    align_to: Optional[list[torch.Tensor]]) -> Callable[[int], tuple[torch.Tensor, str]]:
         """A step loss over ``batch`` single-crop conversations (``models.training.crops``): a crop's object
         patches plus ``start`` background ones growing to the whole crop after ``ramp`` of the steps; image
-        tokens ``tokens_of(j, view, keep)`` ``[n, D]``; with ``align_to``, plus the alignment loss."""
+        tokens ``tokens_of(j, sources)`` ``[n, D]`` (``sources`` index the image's ``V * P`` tokens); a ``paste``
+        share of the crops gets the image's other digit boxes; with ``align_to``, plus the alignment loss."""
         cfg = self.cfg.language
         tokenizer, scenes, objects = self.processor.tokenizer, self.stage2_scenes, self.stage2_objects
         patches = objects[0].shape[1]
@@ -420,8 +422,9 @@ class TinyTrainer:
             rng = random.Random(f"{salt}:{self.cfg.seed}:{step}")  # each step's batch depends on its index only
             distractors = distractors_at(step, steps, start, ramp, patches)
             examples = [crop_example(tokenizer, self.config, rng, j, scenes[j], objects[j], distractors,
-                                     cfg.max_turns, cfg.independent_turns) for j in (rng.randrange(cfg.images) for _ in range(batch))]
-            images = [tokens_of(e.image, e.view, e.keep) for e in examples]
+                                     cfg.max_turns, cfg.independent_turns, paste)
+                        for j in (rng.randrange(cfg.images) for _ in range(batch))]
+            images = [tokens_of(e.image, e.patches[e.keep]) for e in examples]
             loss, parts = conversation_loss(self.model, images, [e.conversation for e in examples], self.asked,
                                             cfg.balance_categories)
             loss = self._plus_alignment(loss, parts, align_to, sorted({e.image for e in examples}))
@@ -436,11 +439,11 @@ class TinyTrainer:
             return
         projector = self.model.model.multi_modal_projector
 
-        def tokens_of(j: int, view: int, keep: torch.Tensor) -> torch.Tensor:
-            return projector(features[j][view][keep].to(self.device, torch.float32))
+        def tokens_of(j: int, sources: torch.Tensor) -> torch.Tensor:
+            return projector(features[j].flatten(0, 1)[sources].to(self.device, torch.float32))
 
         step_loss = self._crop_loss("crops", cfg.crop_steps, cfg.crop_batch, cfg.distractors_start,
-                                    cfg.distractor_ramp, tokens_of, features)
+                                    cfg.distractor_ramp, tokens_of, cfg.paste_boxes, features)
         self._language_phase("crops", "stage 2a: crops", self.run_dir / CROPS_CKPT, cfg.crop_steps, cfg.crop_lr,
                              step_loss)
 
@@ -495,7 +498,7 @@ class TinyTrainer:
         if cfg.symbolic_crop_steps:
             step_loss = self._crop_loss("symbolic_crops", cfg.symbolic_crop_steps, cfg.symbolic_batch,
                                         cfg.symbolic_start, cfg.symbolic_ramp,
-                                        lambda j, view, keep: self.symbolic(j)[view][keep], None)
+                                        lambda j, sources: self.symbolic(j).flatten(0, 1)[sources], 0.0, None)
             self._language_phase("symbolic_crops", "stage 2: symbolic crops", self.run_dir / SYMBOLIC_CROPS_CKPT,
                                  cfg.symbolic_crop_steps, cfg.symbolic_lr, step_loss)
         if cfg.symbolic_steps == 0:

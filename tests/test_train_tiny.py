@@ -41,7 +41,7 @@ from models.training.labels import KINDS, PRESENCE_CLASSES, view_labels, view_tr
 from models.training.symbolic import PatchSymbols, SymbolIds, alignment_loss, symbolic_views
 from models.training.model import build_untrained, task_corpus
 from compressors.packing import pack_spatial, spatial_source_order
-from models.training.crops import crop_example, crop_scene, distractors_at, sparse_image_keep
+from models.training.crops import crop_example, crop_scene, distractors_at, paste_boxes, sparse_image_keep
 from models.training.data import language_example, training_item
 from models.training.stages import (
     VisionTargets,
@@ -220,6 +220,48 @@ def test_a_crop_example_shows_all_object_patches_and_that_many_background_ones(u
         if f"How many {kind}s are there?" in text:
             answer = text.split(f"How many {kind}s are there?")[1].split("ASSISTANT:")[1].split("</s>")[0].strip()
             assert answer == str(crop.count(kind))
+
+
+def test_pasting_moves_another_crops_digit_box_cell_by_cell_and_its_questions_follow(untrained):
+    """A 1x2 image: a red circle and a red box holding 3 in the left crop, a blue box holding 8 in the
+    right one. Pasted into the left crop, the blue box takes an empty cell there: its 4 x 4 patch tokens
+    come from its own cell of the right crop in the same order (the box sits where it sat in its cell),
+    the crop now asks for both digits, and its object mask marks the moved box's patches."""
+    model, processor = untrained
+    circle = Shape("circle", "red", (17, 17, 39, 39))  # cell (0, 0) of the left crop
+    red = DigitBox("3", "red", (122, 122, 158, 158))  # cell (2, 2)
+    blue = DigitBox("8", "blue", (570, 66, 606, 102))  # right crop, cell (1, 4): 10 px into it both ways
+    scene = Scene("1x2", (336, 672), (circle,), (red, blue), (236, 230, 218), 0)
+    objects = scene_objects(scene, model.config)  # [V, P]
+    local, patches, shown = paste_boxes(random.Random(5), scene, 0, 2, objects, 336, 14)
+
+    assert local.shapes == (circle,) and local.boxes[0] == red and len(local.boxes) == 2
+    moved = local.boxes[1]
+    assert (moved.digit, moved.color) == ("8", "blue")
+    row, col = (moved.box[1] - 10) // 56, (moved.box[0] - 10) // 56
+    assert moved.box == (col * 56 + 10, row * 56 + 10, col * 56 + 46, row * 56 + 46)
+    assert (row, col) not in {(0, 0), (2, 2)} and 0 <= row < 6 and 0 <= col < 6
+    per_view = 24 * 24
+    source = [2 * per_view + (4 + a) * 24 + 16 + b for a in range(4) for b in range(4)]  # view 2, cell (1, 4)
+    target = [(4 * row + a) * 24 + 4 * col + b for a in range(4) for b in range(4)]
+    assert patches[target].tolist() == source
+    untouched = torch.ones(per_view, dtype=torch.bool)
+    untouched[target] = False
+    assert torch.equal(patches[untouched], per_view + torch.arange(per_view)[untouched])  # view 1 itself
+    assert torch.equal(shown[target], objects[2][[s - 2 * per_view for s in source]])
+    assert torch.equal(shown[untouched], objects[1][untouched]) and int(shown[target].sum()) >= 9
+    digits = {q.text: q.answer for q in all_questions(random.Random(0), local)["digit"]}
+    assert digits == {"Which digit is in the red box?": "3", "Which digit is in the blue box?": "8"}
+
+    example = crop_example(processor.tokenizer, model.config, random.Random(1), 0, scene, objects, distractors=7,
+                           max_turns=12, paste_boxes_share=1.0)
+    image_tokens = int((example.conversation.input_ids[0] == model.config.image_token_id).sum())
+    circle_patches = int(objects[1][[a * 24 + b for a in range(4) for b in range(4)]].sum())
+    both_boxes = int(objects[1].sum() + objects[2].sum()) - (circle_patches if example.view == 2 else 0)
+    assert image_tokens == int(example.keep.sum()) == both_boxes + 7
+    plain = crop_example(processor.tokenizer, model.config, random.Random(1), 0, scene, objects, distractors=7,
+                         max_turns=12)
+    assert torch.equal(plain.patches, plain.view * per_view + torch.arange(per_view))
 
 
 def test_whitening_folds_a_standardisation_into_the_projector():

@@ -104,7 +104,10 @@ def _stage2_phases(language: dict[str, Any]) -> list[str]:
         phases.append(f"{language['crop_steps']} steps of {language['crop_batch']} single-crop conversations, lr"
                       f" {language['crop_lr']}: a crop's object patches plus {language['distractors_start']} random"
                       " background patches, growing geometrically to the whole crop over the first"
-                      f" {language['distractor_ramp']:.0%} of the steps{aligned};")
+                      f" {language['distractor_ramp']:.0%} of the steps"
+                      + (f"; in {language['paste_boxes']:.0%} of them the image's other digit boxes moved into the"
+                         " crop's empty cells (`models/training/crops.py`)" if language.get("paste_boxes") else "")
+                      + f"{aligned};")
     whole = (f"{language['steps']} steps of {language.get('batch', 1)} whole image(s) (thumbnail + crops, packed"
              f" as at inference), lr {language['lr']}")
     if language.get("sparse_start") is not None:

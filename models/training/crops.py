@@ -8,17 +8,19 @@ questions are answerable from its 576 tokens alone. Stage 2a therefore trains on
 patches plus ``distractors`` random background patches, the count growing geometrically to the
 whole crop (a distractor curriculum). Stage 2b does the same on whole images, with every token at
 its own position id (``sparse_image_keep``), until it sees them exactly as inference feeds them.
-The object patches come from stage 1's labels (``models.training.labels``).
+The object patches come from stage 1's labels (``models.training.labels``). A share of the crops
+first receive the image's other digit boxes (``paste_boxes``), so a digit question has another box
+to tell apart more often than a crop alone offers.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from benchmarks.hires_detail import Scene, all_questions
+from benchmarks.hires_detail import CELL_PX, DigitBox, Scene, all_questions
 from compressors.geometry import AnyResLayout
 from compressors.packing import spatial_source_order
 from models.training.conversation import Conversation, build_conversation, training_turns
@@ -55,36 +57,97 @@ def distractors_at(step: int, steps: int, start: int, ramp: float, total: int) -
 @dataclass(frozen=True)
 class CropExample:
     """One crop conversation: ``view`` indexes the image's tower features ``[T, P, C]``; ``keep``
-    ``[P]`` bool selects its patches (raster order kept); the conversation has ``keep.sum()`` image tokens."""
+    ``[P]`` bool selects its patches (raster order kept); the conversation has ``keep.sum()`` image tokens.
+    ``patches`` ``[P]`` long is where each patch's token comes from among the image's ``T * P`` (the
+    view's own patches, except in cells a box was pasted into): the tokens are
+    ``features.flatten(0, 1)[patches[keep]]``."""
 
     image: int
     view: int
     keep: torch.Tensor
     conversation: Conversation
+    patches: torch.Tensor
+
+
+def cell_patches(cell: int, tile: int, patch: int) -> torch.Tensor:
+    """The patch indices of one ``CELL_PX`` cell of a ``tile`` px view (cells and patches row-major). ``[k*k]``"""
+    side, per_cell, cells = tile // patch, CELL_PX // patch, tile // CELL_PX
+    row, col = divmod(cell, cells)
+    rows = torch.arange(row * per_cell, (row + 1) * per_cell)
+    cols = torch.arange(col * per_cell, (col + 1) * per_cell)
+    return (rows[:, None] * side + cols[None]).flatten()
+
+
+def paste_boxes(rng: random.Random, scene: Scene, crop: int, cols: int, objects: torch.Tensor, tile: int,
+                patch: int) -> tuple[Scene, torch.Tensor, torch.Tensor]:
+    """Crop ``crop`` with the digit boxes of the image's other crops moved into its empty cells.
+
+    Why: a crop holds two digit boxes in one case of seven, so crop training rarely asks for "the digit
+    in the red box" where another box could answer, and the decoder learned to read whichever digit it
+    found (whole images: right for one box, at chance among two or three). A box is alone in its cell
+    and the tower's features are local (its glyph's patches do not even know the frame's colour), so a
+    cell's tokens can move to another cell of the same grid.
+
+    Args:
+        objects: ``[V, P]`` the image's object patches (``models.training.symbolic.PatchSymbols.objects``).
+    Returns:
+        the crop's scene (moved boxes at their new image-pixel boxes, as ``crop_scene`` keeps image
+        coordinates), each patch's source among the image's ``V * P`` tokens ``[P]`` (long) and the
+        crop's object patches ``[P]`` (bool).
+    """
+    side, cells = tile // patch, tile // CELL_PX
+    view = 1 + crop
+    left, top = (crop % cols) * tile, (crop // cols) * tile
+    local = crop_scene(scene, crop // cols, crop % cols, tile_px=tile)
+    patches = view * side * side + torch.arange(side * side)  # [P]
+    shown = objects[view].clone()  # [P]
+    free = [c for c in range(cells * cells) if not bool(shown[cell_patches(c, tile, patch)].any())]
+    moved = []
+    for box in scene.boxes:
+        if box in local.boxes or not free:
+            continue
+        l, t, r, b = box.box
+        src_view = 1 + (t // tile) * cols + l // tile
+        src_cell = ((t % tile) // CELL_PX) * cells + (l % tile) // CELL_PX
+        dst_cell = free.pop(rng.randrange(len(free)))
+        src, dst = cell_patches(src_cell, tile, patch), cell_patches(dst_cell, tile, patch)
+        patches[dst] = src_view * side * side + src
+        shown[dst] = objects[src_view][src]
+        dx = left + (dst_cell % cells) * CELL_PX - l // CELL_PX * CELL_PX
+        dy = top + (dst_cell // cells) * CELL_PX - t // CELL_PX * CELL_PX
+        moved.append(DigitBox(box.digit, box.color, (l + dx, t + dy, r + dx, b + dy)))
+    return replace(local, boxes=local.boxes + tuple(moved)), patches, shown
 
 
 def crop_example(tokenizer, config, rng: random.Random, image: int, scene: Scene, objects: torch.Tensor,
-                 distractors: int, max_turns: int, independent_turns: bool = False) -> CropExample:
+                 distractors: int, max_turns: int, independent_turns: bool = False,
+                 paste_boxes_share: float = 0.0) -> CropExample:
     """A random crop of ``scene`` (train image ``image``), its object patches plus ``distractors`` random
-    background ones, and a conversation about that crop's objects.
+    background ones, and a conversation about that crop's objects; in a ``paste_boxes_share`` of the
+    examples the image's other digit boxes are moved into the crop first (``paste_boxes``).
 
     Args:
         objects: ``[V, P]``, ``models.training.symbolic.PatchSymbols.objects``.
     """
-    tile = config.vision_config.image_size
+    vision = config.vision_config
+    tile = vision.image_size
     rows, cols = scene.image_hw[0] // tile, scene.image_hw[1] // tile
     crop = rng.randrange(rows * cols)
     view = 1 + crop  # view 0 is the thumbnail
-    shown = objects[view]  # [P]
+    if paste_boxes_share and rng.random() < paste_boxes_share:
+        local, patches, shown = paste_boxes(rng, scene, crop, cols, objects, tile, vision.patch_size)
+    else:
+        local, shown = crop_scene(scene, *divmod(crop, cols), tile_px=tile), objects[view]  # [P]
+        patches = view * shown.numel() + torch.arange(shown.numel())
     generator = torch.Generator().manual_seed(rng.getrandbits(63))
     keep = with_random_extra(shown, ~shown, distractors, generator)
 
-    questions = all_questions(rng, crop_scene(scene, *divmod(crop, cols), tile_px=tile))
+    questions = all_questions(rng, local)
     primary = rng.choice([q for qs in questions.values() for q in qs])  # count questions always exist
     turns = training_turns(rng, primary, questions, max_turns)
     conversation = build_conversation(tokenizer, turns, config.image_token_id, int(keep.sum()),
                                       independent=independent_turns)
-    return CropExample(image, view, keep, conversation)
+    return CropExample(image, view, keep, conversation, patches)
 
 
 def sparse_image_keep(layout: AnyResLayout, objects: torch.Tensor, distractors: int,
