@@ -208,6 +208,9 @@ def render_card(training: dict[str, Any], metrics: dict[str, Any], sweep: Sequen
         "```bash",
         "python -m runners.train_tiny export_dir=models/weights/tiny_trained   # resumable: rerun after a kill",
         "python -m runners.evaluate -m experiment=tiny_trained_sweep   # none + every method at .5/.25/.1 (README)",
+        *([f"python -m runners.evaluate model=tiny_trained benchmark=hires_detail benchmark.num_samples="
+           f"{metrics['num_samples']}   # the accuracy above, uncompressed"]
+          if sweep_samples and sweep_samples != metrics["num_samples"] else []),
         "python -m runners.report outputs/runs/tiny_trained --out report/ && cp report/score_vs_ratio.png"
         " models/weights/tiny_trained/",
         f"python -m models.training.card outputs/runs/tiny_trained/hires_detail --sweep-samples {sweep_samples or metrics['num_samples']}",
