@@ -69,15 +69,6 @@ class CropExample:
     patches: torch.Tensor
 
 
-def cell_patches(cell: int, tile: int, patch: int) -> torch.Tensor:
-    """The patch indices of one ``CELL_PX`` cell of a ``tile`` px view (cells and patches row-major). ``[k*k]``"""
-    side, per_cell, cells = tile // patch, CELL_PX // patch, tile // CELL_PX
-    row, col = divmod(cell, cells)
-    rows = torch.arange(row * per_cell, (row + 1) * per_cell)
-    cols = torch.arange(col * per_cell, (col + 1) * per_cell)
-    return (rows[:, None] * side + cols[None]).flatten()
-
-
 def paste_boxes(rng: random.Random, scene: Scene, crop: int, cols: int, objects: torch.Tensor, tile: int,
                 patch: int) -> tuple[Scene, torch.Tensor, torch.Tensor]:
     """Crop ``crop`` with the digit boxes of the image's other crops moved into its empty cells.
@@ -95,26 +86,30 @@ def paste_boxes(rng: random.Random, scene: Scene, crop: int, cols: int, objects:
         coordinates), each patch's source among the image's ``V * P`` tokens ``[P]`` (long) and the
         crop's object patches ``[P]`` (bool).
     """
-    side, cells = tile // patch, tile // CELL_PX
+    side, cells, per_cell = tile // patch, tile // CELL_PX, CELL_PX // patch
     view = 1 + crop
     left, top = (crop % cols) * tile, (crop // cols) * tile
     local = crop_scene(scene, crop // cols, crop % cols, tile_px=tile)
     patches = view * side * side + torch.arange(side * side)  # [P]
     shown = objects[view].clone()  # [P]
-    free = [c for c in range(cells * cells) if not bool(shown[cell_patches(c, tile, patch)].any())]
+
+    def by_cell(values: torch.Tensor) -> torch.Tensor:  # [P] -> [cells, k, cells, k] (a view: writes go through)
+        return values.view(cells, per_cell, cells, per_cell)
+
+    free = (~by_cell(shown).any(dim=(1, 3))).flatten().nonzero().flatten().tolist()  # empty cells, row-major
     moved = []
     for box in scene.boxes:
         if box in local.boxes or not free:
             continue
         l, t, r, b = box.box
         src_view = 1 + (t // tile) * cols + l // tile
-        src_cell = ((t % tile) // CELL_PX) * cells + (l % tile) // CELL_PX
-        dst_cell = free.pop(rng.randrange(len(free)))
-        src, dst = cell_patches(src_cell, tile, patch), cell_patches(dst_cell, tile, patch)
-        patches[dst] = src_view * side * side + src
-        shown[dst] = objects[src_view][src]
-        dx = left + (dst_cell % cells) * CELL_PX - l // CELL_PX * CELL_PX
-        dy = top + (dst_cell // cells) * CELL_PX - t // CELL_PX * CELL_PX
+        src_row, src_col = (t % tile) // CELL_PX, (l % tile) // CELL_PX
+        dst_row, dst_col = divmod(free.pop(rng.randrange(len(free))), cells)
+        source = src_view * side * side + torch.arange(side * side)  # [P] the source view's token ids
+        by_cell(patches)[dst_row, :, dst_col, :] = by_cell(source)[src_row, :, src_col, :]
+        by_cell(shown)[dst_row, :, dst_col, :] = by_cell(objects[src_view])[src_row, :, src_col, :]
+        dx = left + dst_col * CELL_PX - l // CELL_PX * CELL_PX
+        dy = top + dst_row * CELL_PX - t // CELL_PX * CELL_PX
         moved.append(DigitBox(box.digit, box.color, (l + dx, t + dy, r + dx, b + dy)))
     return replace(local, boxes=local.boxes + tuple(moved)), patches, shown
 
