@@ -178,9 +178,9 @@ def _later_turns_mask(conversations: list[Conversation], kept_index: list[torch.
 
 
 def _forward(language_model, sequences: list[torch.Tensor], position_ids: list[torch.Tensor],
-             conversations: list[Conversation], kept_index: list[torch.Tensor], hidden_states: bool
-             ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]] | None]:
-    """Per sequence its last hidden states ``[n_i, D]`` (and with ``hidden_states``, every layer's).
+             conversations: list[Conversation], kept_index: list[torch.Tensor], layer: int | None
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per sequence its last hidden states ``[n_i, D]`` and, with ``layer``, that hidden state's (0 = embeddings).
 
     A conversation runs causally; one of independent turns in two passes: turn 0 (system, image, its
     question and answer) causally, then the later turns' few tokens on its KV cache, each seeing the
@@ -196,27 +196,22 @@ def _forward(language_model, sequences: list[torch.Tensor], position_ids: list[t
     later_turns = any(n0 < n for n0, n in zip(first_len, lengths))
     out1 = language_model(inputs_embeds=first, attention_mask=mask, use_cache=later_turns,
                           position_ids=_pad([p[:n] for p, n in zip(position_ids, first_len)]).to(device),
-                          output_hidden_states=hidden_states)
-    outputs = [(out1.last_hidden_state, out1.hidden_states)]
+                          output_hidden_states=layer is not None)
+    outputs = [(out1.last_hidden_state, None if layer is None else out1.hidden_states[layer])]
     if later_turns:
         later = _pad([s[n:] for s, n in zip(sequences, first_len)])  # [B, L2, D]
         later_mask = _later_turns_mask(conversations, kept_index, first_len, first.shape[1], later.shape[1])
         out2 = language_model(inputs_embeds=later, attention_mask=later_mask.to(device), cache=out1.cache,
                               position_ids=_pad([p[n:] for p, n in zip(position_ids, first_len)]).to(device),
-                              output_hidden_states=hidden_states)
-        outputs.append((out2.last_hidden_state, out2.hidden_states))
+                              output_hidden_states=layer is not None)
+        outputs.append((out2.last_hidden_state, None if layer is None else out2.hidden_states[layer]))
 
     def joined(passes: list[torch.Tensor]) -> list[torch.Tensor]:  # [B, L1, D] (, [B, L2, D]) -> [n_i, D]
         if len(passes) == 1:
             return [passes[0][i, :n] for i, n in enumerate(lengths)]
         return [torch.cat([passes[0][i, :n0], passes[1][i, :n - n0]]) for i, (n0, n) in enumerate(zip(first_len, lengths))]
 
-    last = joined([h for h, _ in outputs])
-    every = None
-    if hidden_states:
-        layers = [joined(list(per_pass)) for per_pass in zip(*(hs for _, hs in outputs))]  # [layer][i]
-        every = [[layer[i] for layer in layers] for i in range(len(sequences))]
-    return last, every
+    return joined([h for h, _ in outputs]), None if layer is None else joined([h for _, h in outputs])
 
 
 def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: list[Conversation],
@@ -250,7 +245,8 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
                             else conversation.position_ids.to(index.device)[index])  # [N']
         new_index.append(kept.long().cumsum(0) - 1)  # [N] where each kept token sits in the sparse one
         kept_index.append(index)
-    last, every = _forward(language_model, sequences, position_ids, conversations, kept_index, asked is not None)
+    last, middle = _forward(language_model, sequences, position_ids, conversations, kept_index,
+                            None if asked is None else asked.layer)
     device = last[0].device
 
     def gather(hidden: list[torch.Tensor], field: str) -> torch.Tensor:  # per sequence [n_i, D] -> [sum, D]
@@ -268,6 +264,6 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
     if asked is None:
         return answer, parts
     labels = torch.cat([c.asked for c in conversations]).to(device)  # [Q, len(ASKED)]
-    asked_loss = asked.heads.loss(gather([layers[asked.layer] for layers in every], "turn_positions"), labels)
+    asked_loss = asked.heads.loss(gather(middle, "turn_positions"), labels)
     parts["asked"] = float(asked_loss.detach())
     return answer + asked.weight * asked_loss, parts
