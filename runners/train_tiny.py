@@ -39,7 +39,7 @@ import runners.resolvers  # noqa: F401  (registers OmegaConf resolvers)
 from benchmarks import build_benchmark
 from benchmarks.hires_detail import make_split_item
 from compressors import build_compressor
-from compressors.packing import pack_spatial
+from compressors.packing import pack_spatial, spatial_source_order
 from models.pipeline import LlavaNextPipeline
 from models.training.crops import crop_example, distractors_at, sparse_image_keep
 from models.training.data import image_tiles, language_example, training_item, vision_example
@@ -50,8 +50,11 @@ from models.training.symbolic import PatchSymbols, SymbolIds, alignment_loss, sy
 from models.training.stages import (
     AskedConfig,
     AskedHeads,
+    BindConfig,
+    BindHeads,
     VisionHeads,
     VisionTargets,
+    box_token_labels,
     conversation_loss,
     tower_features,
     vision_loss,
@@ -102,6 +105,8 @@ class LanguageStageConfig:
     align_weight: float = 0.0  # 2a/2b: weight of that alignment loss beside the answer loss
     asked_layer: int = 2  # hidden state (0 = embeddings) on which AskedHeads predict what a question names
     asked_weight: float = 1.0  # 0: no AskedHeads
+    bind_layer: int = 2  # hidden state on which BindHeads predict each crop box token's colour and digit
+    bind_weight: float = 0.0  # 2a/2b: weight of the BindHeads loss (0: no BindHeads)
     balance_categories: bool = True  # weigh the four question types equally in the answer loss
     independent_turns: bool = False  # each turn sees the image and itself only (no answer read off another)
     crop_steps: int = 1500
@@ -306,12 +311,14 @@ class TinyTrainer:
         return features
 
     # -- stage 2 ------------------------------------------------------------------------------------
-    def _language_params(self) -> list[torch.nn.Parameter]:
-        params = [p for name, p in self.model.named_parameters() if not name.startswith("model.vision_tower.")]
-        return params + ([*self.asked.heads.parameters()] if self.asked else [])
+    def _language_params(self, real: bool) -> list[torch.nn.Parameter]:
+        """What a phase trains: the model but its tower, AskedHeads and, on real features (``real``), BindHeads."""
+        return [p for module in self._language_modules(real).values() for name, p in module.named_parameters()
+                if not name.startswith("model.vision_tower.")]
 
-    def _language_modules(self) -> dict[str, torch.nn.Module]:
-        return {"model": self.model, **({"asked": self.asked.heads} if self.asked else {})}
+    def _language_modules(self, real: bool) -> dict[str, torch.nn.Module]:
+        return {"model": self.model, **({"asked": self.asked.heads} if self.asked else {}),
+                **({"bind": self.bind.heads} if self.bind and real else {})}
 
     def prepare_language(self, features: list[torch.Tensor]) -> None:
         """The seeded ``AskedHeads`` and the whitened projector (from the first, at most, 100 cached images);
@@ -323,18 +330,26 @@ class TinyTrainer:
                 torch.manual_seed(self.cfg.seed + 2)
                 heads = AskedHeads(self.config.text_config.hidden_size).to(self.device)
             self.asked = AskedConfig(heads, cfg.asked_layer, cfg.asked_weight)
+        self.bind = None
+        if cfg.bind_weight:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed + 3)
+                heads = BindHeads(self.config.text_config.hidden_size).to(self.device)
+            self.bind = BindConfig(heads, cfg.bind_layer, cfg.bind_weight)
         if cfg.whiten_projector:
             sample = torch.cat([f.flatten(0, 1) for f in features[:100]]).to(self.device, torch.float32)  # [M, C]
             whiten_projector(self.model.model.multi_modal_projector, sample)
 
     def _language_phase(self, phase: str, description: str, path: Path, steps: int, lr: float,
-                        step_loss: Callable[[int], tuple[torch.Tensor, str]], projector_only: bool = False) -> None:
-        """Train projector + newline + LM (+ AskedHeads), or with ``projector_only`` the projector alone, for
-        ``steps`` steps of ``step_loss(step)``, resumable from ``path``; losses and time are logged under ``phase``."""
+                        step_loss: Callable[[int], tuple[torch.Tensor, str]], projector_only: bool = False,
+                        real: bool = True) -> None:
+        """Train projector + newline + LM (+ AskedHeads, + BindHeads on ``real`` features), or with
+        ``projector_only`` the projector alone, for ``steps`` steps of ``step_loss(step)``, resumable from
+        ``path``; losses and time are logged under ``phase``."""
         cfg = self.cfg.language
         projector = self.model.model.multi_modal_projector
-        params = [*projector.parameters()] if projector_only else self._language_params()
-        modules = {"projector": projector} if projector_only else self._language_modules()
+        params = [*projector.parameters()] if projector_only else self._language_params(real)
+        modules = {"projector": projector} if projector_only else self._language_modules(real)
         optimizer, scheduler = optimizer_for(params, lr, 0.0 if projector_only else cfg.weight_decay,
                                              cfg.warmup_steps, steps)
         start, losses = restore(path, modules, optimizer, scheduler)
@@ -409,11 +424,12 @@ class TinyTrainer:
 
     def _crop_loss(self, salt: str, steps: int, batch: int, start: int, ramp: float,
                    tokens_of: Callable[[int, torch.Tensor], torch.Tensor], paste: float,
-                   align_to: Optional[list[torch.Tensor]]) -> Callable[[int], tuple[torch.Tensor, str]]:
+                   align_to: Optional[list[torch.Tensor]], real: bool) -> Callable[[int], tuple[torch.Tensor, str]]:
         """A step loss over ``batch`` single-crop conversations (``models.training.crops``): a crop's object
         patches plus ``start`` background ones growing to the whole crop after ``ramp`` of the steps; image
         tokens ``tokens_of(j, sources)`` ``[n, D]`` (``sources`` index the image's ``V * P`` tokens); a ``paste``
-        share of the crops gets the image's other digit boxes; with ``align_to``, plus the alignment loss."""
+        share of the crops gets the image's other digit boxes; with ``align_to``, plus the alignment loss;
+        on ``real`` (not symbolic) tokens, plus the BindHeads loss where configured."""
         cfg = self.cfg.language
         tokenizer, scenes, objects = self.processor.tokenizer, self.stage2_scenes, self.stage2_objects
         patches = objects[0].shape[1]
@@ -425,8 +441,11 @@ class TinyTrainer:
                                      cfg.max_turns, cfg.independent_turns, paste)
                         for j in (rng.randrange(cfg.images) for _ in range(batch))]
             images = [tokens_of(e.image, e.patches[e.keep]) for e in examples]
+            bind = self.bind if real else None
+            labels = None if bind is None else [box_token_labels(self.stage2_symbols[e.image], e.patches[e.keep])
+                                                for e in examples]
             loss, parts = conversation_loss(self.model, images, [e.conversation for e in examples], self.asked,
-                                            cfg.balance_categories)
+                                            cfg.balance_categories, bind=bind, image_labels=labels)
             loss = self._plus_alignment(loss, parts, align_to, sorted({e.image for e in examples}))
             return loss, f"{parts} background {distractors}"
 
@@ -443,23 +462,25 @@ class TinyTrainer:
             return projector(features[j].flatten(0, 1)[sources].to(self.device, torch.float32))
 
         step_loss = self._crop_loss("crops", cfg.crop_steps, cfg.crop_batch, cfg.distractors_start,
-                                    cfg.distractor_ramp, tokens_of, cfg.paste_boxes, features)
+                                    cfg.distractor_ramp, tokens_of, cfg.paste_boxes, features, real=True)
         self._language_phase("crops", "stage 2a: crops", self.run_dir / CROPS_CKPT, cfg.crop_steps, cfg.crop_lr,
                              step_loss)
 
     def _whole_image_loss(self, salt: int, steps: int, batch: int, start: Optional[int], ramp: float,
-                          views_of: Callable[[int], torch.Tensor],
-                          align_to: Optional[list[torch.Tensor]]) -> Callable[[int], tuple[torch.Tensor, str]]:
+                          views_of: Callable[[int], torch.Tensor], align_to: Optional[list[torch.Tensor]],
+                          real: bool) -> Callable[[int], tuple[torch.Tensor, str]]:
         """A step loss over ``batch`` whole stage-2 images per step (seeded epochs; ``salt`` tells phases
         apart): each image's conversation with its image tokens ``views_of(j)`` ``[V, P, D]`` packed as
         inference packs them (``image_newline`` included);
         with ``start``, only its object tokens, newlines and a growing number of background tokens at
         their own position ids (``models.training.crops.sparse_image_keep``); with ``align_to`` (the
         cached features), plus ``align_weight`` x the projector's alignment loss on the step's images
-        (on the same projected views the conversations see)."""
+        (on the same projected views the conversations see); on ``real`` tokens, plus the BindHeads loss
+        where configured."""
         cfg = self.cfg.language
         tokenizer, first = self.processor.tokenizer, self.cfg.vision.images
         newline = self.model.model.image_newline
+        bind = self.bind if real else None
 
         @functools.lru_cache(maxsize=2)
         def epoch_order(epoch: int) -> torch.Tensor:  # [images] the seeded order of one pass
@@ -473,18 +494,21 @@ class TinyTrainer:
                                                     cfg.max_turns, cfg.independent_turns)
             views = views_of(j)  # [V, P, D]
             segment = pack_spatial(views, layout, newline).embeds  # [N_img, D]
+            labels = None if bind is None else box_token_labels(self.stage2_symbols[j], spatial_source_order(layout))
             if start is None:
-                return j, views, segment, conversation, None
+                return j, views, segment, conversation, None, labels
             objects = self.stage2_objects[j]  # [V, P]
             distractors = distractors_at(step, steps, start, ramp, int((~objects).sum()))
-            return j, views, segment, conversation, sparse_image_keep(layout, objects, distractors, generator)
+            keep = sparse_image_keep(layout, objects, distractors, generator)
+            return j, views, segment, conversation, keep, labels
 
         def step_loss(step: int) -> tuple[torch.Tensor, str]:
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + salt * 7_919)
-            images, views, segments, conversations, keeps = zip(*(example(step * batch + b, step, generator)
-                                                                  for b in range(batch)))
+            images, views, segments, conversations, keeps, labels = zip(*(example(step * batch + b, step, generator)
+                                                                          for b in range(batch)))
             loss, parts = conversation_loss(self.model, list(segments), list(conversations), self.asked,
-                                            cfg.balance_categories, None if keeps[0] is None else list(keeps))
+                                            cfg.balance_categories, None if keeps[0] is None else list(keeps),
+                                            bind, None if bind is None else list(labels))
             loss = self._plus_alignment(loss, parts, align_to, list(images), list(views))
             shown = "" if keeps[0] is None else f" image tokens {sum(int(k.sum()) for k in keeps) / len(keeps):.0f}"
             return loss, f"{parts}{shown}"
@@ -498,15 +522,16 @@ class TinyTrainer:
         if cfg.symbolic_crop_steps:
             step_loss = self._crop_loss("symbolic_crops", cfg.symbolic_crop_steps, cfg.symbolic_batch,
                                         cfg.symbolic_start, cfg.symbolic_ramp,
-                                        lambda j, sources: self.symbolic(j).flatten(0, 1)[sources], 0.0, None)
+                                        lambda j, sources: self.symbolic(j).flatten(0, 1)[sources], 0.0, None,
+                                        real=False)
             self._language_phase("symbolic_crops", "stage 2: symbolic crops", self.run_dir / SYMBOLIC_CROPS_CKPT,
-                                 cfg.symbolic_crop_steps, cfg.symbolic_lr, step_loss)
+                                 cfg.symbolic_crop_steps, cfg.symbolic_lr, step_loss, real=False)
         if cfg.symbolic_steps == 0:
             return
         step_loss = self._whole_image_loss(1, cfg.symbolic_steps, cfg.symbolic_batch, cfg.symbolic_start,
-                                           cfg.symbolic_ramp, self.symbolic, None)
+                                           cfg.symbolic_ramp, self.symbolic, None, real=False)
         self._language_phase("symbolic", "stage 2: symbolic tokens", self.run_dir / SYMBOLIC_CKPT,
-                             cfg.symbolic_steps, cfg.symbolic_lr, step_loss)
+                             cfg.symbolic_steps, cfg.symbolic_lr, step_loss, real=False)
 
     def align_stage(self, features: list[torch.Tensor]) -> None:
         """The projector alone, onto the symbolic tokens of the cached features (every view, seeded batches)."""
@@ -533,7 +558,7 @@ class TinyTrainer:
             return projector(features[j].to(self.device, torch.float32))
 
         step_loss = self._whole_image_loss(0, cfg.steps, cfg.batch, cfg.sparse_start, cfg.sparse_ramp, views_of,
-                                           features)
+                                           features, real=True)
         self._language_phase("language", "stage 2b: full images", self.run_dir / LANGUAGE_CKPT, cfg.steps, cfg.lr,
                              step_loss)
         model.eval()

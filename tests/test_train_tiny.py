@@ -44,7 +44,10 @@ from compressors.packing import pack_spatial, spatial_source_order
 from models.training.crops import crop_example, crop_scene, distractors_at, paste_boxes, sparse_image_keep
 from models.training.data import language_example, training_item
 from models.training.stages import (
+    BindConfig,
+    BindHeads,
     VisionTargets,
+    box_token_labels,
     category_balanced_mean,
     conversation_loss,
     whiten_projector,
@@ -319,6 +322,64 @@ def test_patch_symbols_give_every_patch_of_a_box_its_digit():
     background = ~(circle_patches | box_patches)
     assert bool((symbols.kind[crop][background] == 0).all()) and bool((symbols.color[crop][background] == -1).all())
     assert bool((symbols.digit[crop][background] == -1).all())
+
+
+def test_box_token_labels_give_a_crops_box_tokens_their_box_and_nothing_else():
+    """The scene above: in the whole image's token order, exactly the left crop's patches of the box say
+    (blue, 7); the thumbnail's box patches, the circle, the background and the newlines are ignored."""
+    circle = Shape("circle", "red", (14, 14, 36, 36))
+    box = DigitBox("7", "blue", (98, 98, 134, 134))
+    scene = Scene("1x2", (336, 672), (circle,), (box,), (236, 230, 218), 0)
+    labels = view_labels(scene, GRID_PINPOINTS)
+    symbols = PatchSymbols.of(labels)
+    patches = symbols.kind.shape[1]
+    sources = torch.cat([torch.arange(3 * patches), torch.tensor([-1])])  # every token of every view, a newline
+    out = box_token_labels(symbols, sources)  # [n, 2]
+    in_crop_box = torch.zeros(3 * patches, dtype=torch.bool)
+    in_crop_box[patches:2 * patches] = labels.patch_object[1] == 1  # crop 1 is the left crop
+    assert int(in_crop_box.sum()) >= 9 and bool((labels.patch_object[0] == 1).any())  # the thumbnail shows it too
+    expected = torch.full((3 * patches + 1, 2), IGNORE)
+    expected[:-1][in_crop_box] = torch.tensor([COLORS_ORDER.index("blue"), 7])
+    assert torch.equal(out, expected)
+    shuffled = torch.randperm(len(sources), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(box_token_labels(symbols, sources[shuffled]), expected[shuffled])  # per token, any order
+
+
+def test_the_bind_loss_is_its_heads_cross_entropy_at_the_kept_image_tokens(untrained):
+    """With ``bind``, the loss grows by ``weight`` x the mean of the colour and digit cross-entropies of
+    ``BindHeads`` on hidden state ``layer`` at the kept, labelled image tokens, computed here by one
+    plain forward of the sparse sequence at its own position ids."""
+    model, processor = untrained
+    layout, conversation = language_example(processor.tokenizer, model.config, 0, 1700, 4)
+    scene = training_item(0, 1700, 1)[0]
+    symbols = PatchSymbols.of(view_labels(scene, model.config.image_grid_pinpoints))
+    torch.manual_seed(0)
+    projected = model.model.multi_modal_projector(torch.randn(layout.num_tiles, 576, 64))  # [T, P, D]
+    segment = pack_spatial(projected, layout, model.model.image_newline).embeds.detach()  # [N_img, D]
+    keep = sparse_image_keep(layout, symbols.objects, 40, torch.Generator().manual_seed(1))
+    labels = box_token_labels(symbols, spatial_source_order(layout))  # [N_img, 2]
+    assert int((labels[keep, 0] != IGNORE).sum()) >= 9
+    heads = BindHeads(model.config.text_config.hidden_size)
+    with torch.no_grad():
+        plain = conversation_loss(model, [segment], [conversation], image_keep=[keep])[0]
+        bound, parts = conversation_loss(model, [segment], [conversation], image_keep=[keep],
+                                         bind=BindConfig(heads, 2, 0.5), image_labels=[labels])
+        ids = conversation.input_ids[0]
+        is_image = ids == model.config.image_token_id
+        embeds = model.model.language_model.get_input_embeddings()(ids.masked_fill(is_image, 0))
+        embeds[is_image] = segment
+        visible = torch.ones(len(ids), dtype=torch.bool)
+        visible[is_image] = keep
+        out = model.model.language_model(inputs_embeds=embeds[visible][None],
+                                         position_ids=visible.nonzero().flatten()[None], output_hidden_states=True)
+        hidden = out.hidden_states[2][0][is_image[visible].nonzero().flatten()]  # [kept image tokens, D]
+        scored = labels[keep, 0] != IGNORE
+        wanted = labels[keep][scored]
+        expected = (torch.nn.functional.cross_entropy(hidden[scored] @ heads.color.weight.T + heads.color.bias, wanted[:, 0])
+                    + torch.nn.functional.cross_entropy(hidden[scored] @ heads.digit.weight.T + heads.digit.bias,
+                                                        wanted[:, 1])) / 2
+    assert torch.allclose(torch.tensor(parts["bind"]), expected, atol=1e-5)
+    assert torch.allclose(bound, plain + 0.5 * expected, atol=1e-5)
 
 
 def answer_logits(model, images: list[torch.Tensor], conversations: list, image_keep=None) -> torch.Tensor:

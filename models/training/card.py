@@ -100,6 +100,10 @@ def _stage2_phases(language: dict[str, Any]) -> list[str]:
                       f" lr {language['align_lr']};")
     aligned = (f"; plus {language['align_weight']:g} x the projector's alignment loss"
                if language.get("align_weight") else "")
+    if language.get("bind_weight"):
+        aligned += (f"; plus {language['bind_weight']:g} x BindHeads' cross-entropy (from the hidden state"
+                    f" {language['bind_layer']} at every crop token of a digit box: the box's frame colour and"
+                    " digit, labels of the image, never of a question)")
     if language.get("crop_steps"):
         phases.append(f"{language['crop_steps']} steps of {language['crop_batch']} single-crop conversations, lr"
                       f" {language['crop_lr']}: a crop's object patches plus {language['distractors_start']} random"

@@ -140,6 +140,54 @@ class AskedHeads(nn.Module):
         return torch.stack(losses).mean()
 
 
+class BindHeads(nn.Module):
+    """Stage-2 scaffolding: from a middle layer's hidden state at each digit-box image token of a crop,
+    the box's frame colour and its digit (``models.training.symbolic.PatchSymbols``).
+
+    Why: the tower's features are local. A glyph's patches give its digit but not the colour of the
+    frame around it (stage-1 heads: 99% and 20%, chance), so "the digit in the red box" joins two
+    neighbouring image tokens. Answer loss alone taught the decoder to read *a* box's digit, not the
+    asked one (right for one box, at chance among two or three). These heads ask every box token to
+    carry its whole box by ``layer``, the join the symbolic warm-up's tokens arrive with; the labels
+    describe the image only (never a question or an answer). Not exported.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.color = nn.Linear(width, len(COLORS))
+        self.digit = nn.Linear(width, len(DIGITS))
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean of the colour and digit cross-entropies; ``hidden`` ``[M, D]``, ``labels`` ``[M, 2]``
+        (colour, digit; ``IGNORE`` off digit boxes). Zero (with a graph) when no token is labelled."""
+        scored = labels[:, 0] != IGNORE
+        if not bool(scored.any()):
+            return hidden.sum() * 0.0
+        hidden, labels = hidden[scored], labels[scored]
+        return (F.cross_entropy(self.color(hidden), labels[:, 0]) + F.cross_entropy(self.digit(hidden), labels[:, 1])) / 2
+
+
+def box_token_labels(symbols, sources: torch.Tensor) -> torch.Tensor:
+    """``[n, 2]`` long (colour, digit) of the image tokens ``sources`` (``[n]`` ids among an image's
+    ``V * P``; -1 = newline): a crop patch of a digit box takes its box's, every other token ``IGNORE``.
+
+    Args:
+        symbols: the image's ``models.training.symbolic.PatchSymbols``.
+    """
+    patches = symbols.kind.shape[1]
+    index = sources.clamp(min=0)
+    box = (sources >= patches) & (symbols.kind.flatten()[index] == KINDS.index("box"))  # [n]: crops only
+    labels = torch.stack([symbols.color.flatten()[index], symbols.digit.flatten()[index]], dim=1)  # [n, 2]
+    return torch.where(box[:, None], labels, torch.full_like(labels, IGNORE))
+
+
+@dataclass(frozen=True)
+class BindConfig:
+    heads: BindHeads
+    layer: int  # hidden_states index, as AskedConfig's
+    weight: float
+
+
 @dataclass(frozen=True)
 class AskedConfig:
     heads: AskedHeads
@@ -178,9 +226,10 @@ def _later_turns_mask(conversations: list[Conversation], kept_index: list[torch.
 
 
 def _forward(language_model, sequences: list[torch.Tensor], position_ids: list[torch.Tensor],
-             conversations: list[Conversation], kept_index: list[torch.Tensor], layer: int | None
-             ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Per sequence its last hidden states ``[n_i, D]`` and, with ``layer``, that hidden state's (0 = embeddings).
+             conversations: list[Conversation], kept_index: list[torch.Tensor], layers: tuple[int, ...] = ()
+             ) -> tuple[list[torch.Tensor], dict[int, list[torch.Tensor]]]:
+    """Per sequence its last hidden states ``[n_i, D]`` and, per index in ``layers``, that hidden state's
+    (0 = embeddings).
 
     A conversation runs causally; one of independent turns in two passes: turn 0 (system, image, its
     question and answer) causally, then the later turns' few tokens on its KV cache, each seeing the
@@ -196,29 +245,32 @@ def _forward(language_model, sequences: list[torch.Tensor], position_ids: list[t
     later_turns = any(n0 < n for n0, n in zip(first_len, lengths))
     out1 = language_model(inputs_embeds=first, attention_mask=mask, use_cache=later_turns,
                           position_ids=_pad([p[:n] for p, n in zip(position_ids, first_len)]).to(device),
-                          output_hidden_states=layer is not None)
-    outputs = [(out1.last_hidden_state, None if layer is None else out1.hidden_states[layer])]
+                          output_hidden_states=bool(layers))
+    outputs = [(out1.last_hidden_state, [out1.hidden_states[k] for k in layers])]
     if later_turns:
         later = _pad([s[n:] for s, n in zip(sequences, first_len)])  # [B, L2, D]
         later_mask = _later_turns_mask(conversations, kept_index, first_len, first.shape[1], later.shape[1])
         out2 = language_model(inputs_embeds=later, attention_mask=later_mask.to(device), cache=out1.cache,
                               position_ids=_pad([p[n:] for p, n in zip(position_ids, first_len)]).to(device),
-                              output_hidden_states=layer is not None)
-        outputs.append((out2.last_hidden_state, None if layer is None else out2.hidden_states[layer]))
+                              output_hidden_states=bool(layers))
+        outputs.append((out2.last_hidden_state, [out2.hidden_states[k] for k in layers]))
 
     def joined(passes: list[torch.Tensor]) -> list[torch.Tensor]:  # [B, L1, D] (, [B, L2, D]) -> [n_i, D]
         if len(passes) == 1:
             return [passes[0][i, :n] for i, n in enumerate(lengths)]
         return [torch.cat([passes[0][i, :n0], passes[1][i, :n - n0]]) for i, (n0, n) in enumerate(zip(first_len, lengths))]
 
-    return joined([h for h, _ in outputs]), None if layer is None else joined([h for _, h in outputs])
+    return joined([h for h, _ in outputs]), {k: joined([h[i] for _, h in outputs]) for i, k in enumerate(layers)}
 
 
 def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: list[Conversation],
                       asked: AskedConfig | None = None, balance: bool = False,
-                      image_keep: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cross-entropy of the answer tokens over a batch of conversations (+ the weighted ``asked`` loss):
-    the mean over targets, or with ``balance`` the mean over question types of their means.
+                      image_keep: list[torch.Tensor] | None = None, bind: BindConfig | None = None,
+                      image_labels: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the answer tokens over a batch of conversations (+ the weighted ``asked`` loss,
+    + with ``bind`` the weighted ``BindHeads`` loss on ``image_labels[i]`` ``[n_i, 2]``, one row per image
+    token before ``image_keep``): the mean over targets, or with ``balance`` the mean over question
+    types of their means.
 
     ``image_keep[i]`` ``[n_i]`` bool drops image tokens of sequence ``i``; the others keep the position
     ids they have in the whole sequence (as FastV's kept tokens do), so a sparse sequence is laid out
@@ -230,7 +282,7 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
     language_model = model.model.language_model
     embed = language_model.get_input_embeddings()
     image_token = model.config.image_token_id
-    sequences, position_ids, new_index, kept_index = [], [], [], []
+    sequences, position_ids, new_index, kept_index, image_at = [], [], [], [], []
     for i, (image, conversation) in enumerate(zip(image_embeds, conversations)):
         ids = conversation.input_ids[0].to(image.device)  # [N]
         is_image = ids == image_token
@@ -245,8 +297,9 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
                             else conversation.position_ids.to(index.device)[index])  # [N']
         new_index.append(kept.long().cumsum(0) - 1)  # [N] where each kept token sits in the sparse one
         kept_index.append(index)
-    last, middle = _forward(language_model, sequences, position_ids, conversations, kept_index,
-                            None if asked is None else asked.layer)
+        image_at.append(new_index[-1][is_image & kept])  # [n_i'] the kept image tokens in the sparse sequence
+    layers = sorted({c.layer for c in (asked, bind) if c is not None})
+    last, middle = _forward(language_model, sequences, position_ids, conversations, kept_index, tuple(layers))
     device = last[0].device
 
     def gather(hidden: list[torch.Tensor], field: str) -> torch.Tensor:  # per sequence [n_i, D] -> [sum, D]
@@ -261,9 +314,20 @@ def conversation_loss(model, image_embeds: list[torch.Tensor], conversations: li
     else:
         answer = F.cross_entropy(logits, targets)
     parts = {"answer": float(answer.detach())}
-    if asked is None:
-        return answer, parts
-    labels = torch.cat([c.asked for c in conversations]).to(device)  # [Q, len(ASKED)]
-    asked_loss = asked.heads.loss(gather(middle, "turn_positions"), labels)
-    parts["asked"] = float(asked_loss.detach())
-    return answer + asked.weight * asked_loss, parts
+    loss = answer
+    if asked is not None:
+        labels = torch.cat([c.asked for c in conversations]).to(device)  # [Q, len(ASKED)]
+        asked_loss = asked.heads.loss(gather(middle[asked.layer], "turn_positions"), labels)
+        parts["asked"] = float(asked_loss.detach())
+        loss = loss + asked.weight * asked_loss
+    if bind is not None:
+        if image_labels is None:
+            raise ValueError("a bind loss needs image_labels, one [n_i, 2] per conversation")
+        hidden = torch.cat([h[at.to(device)] for h, at in zip(middle[bind.layer], image_at)])  # [M, D]
+        if image_keep is not None:
+            image_labels = [lab[keep.to(lab.device)] for lab, keep in zip(image_labels, image_keep)]
+        labels = torch.cat(image_labels).to(device)  # [M, 2]
+        bind_loss = bind.heads.loss(hidden, labels)
+        parts["bind"] = float(bind_loss.detach())
+        loss = loss + bind.weight * bind_loss
+    return loss, parts
