@@ -591,6 +591,7 @@ def test_the_shipped_card_is_rendered_from_its_training_log_and_metrics():
     metrics = json.loads((SHIPPED / METRICS).read_text())
     card = (SHIPPED / CARD).read_text()
     assert render_card(training, metrics, metrics["sweep"], metrics["sweep_samples"]) == card
+    assert ("BindHeads" in card) == bool(training["config"]["language"].get("bind_weight"))
     row = {"compressor": "prumerge_plus", "ratio": None, "accuracy": 46.0, "retention_layer_mean": 0.2631,
            "accuracy/color": 32.0, "accuracy/digit": 48.0, "accuracy/presence": 64.0, "accuracy/count": 40.0}
     rendered = render_card(training, metrics, [row], 100)

@@ -149,7 +149,8 @@ class BindHeads(nn.Module):
     neighbouring image tokens. Answer loss alone taught the decoder to read *a* box's digit, not the
     asked one (right for one box, at chance among two or three). These heads ask every box token to
     carry its whole box by ``layer``, the join the symbolic warm-up's tokens arrive with; the labels
-    describe the image only (never a question or an answer). Not exported.
+    describe the image only (never a question or an answer). Not exported. On val-500 digits went
+    from 61% to 100% (three boxes in the image: 13 to 42 of 42).
     """
 
     def __init__(self, width: int) -> None:
