@@ -320,22 +320,20 @@ class TinyTrainer:
         return {"model": self.model, **({"asked": self.asked.heads} if self.asked else {}),
                 **({"bind": self.bind.heads} if self.bind and real else {})}
 
+    def _seeded_heads(self, heads: type[torch.nn.Module], offset: int) -> torch.nn.Module:
+        """Scaffolding heads on the decoder width, initialised from ``seed + offset`` without moving the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + offset)
+            return heads(self.config.text_config.hidden_size).to(self.device)
+
     def prepare_language(self, features: list[torch.Tensor]) -> None:
-        """The seeded ``AskedHeads`` and the whitened projector (from the first, at most, 100 cached images);
-        a restored checkpoint overwrites both."""
+        """The seeded ``AskedHeads`` and ``BindHeads`` and the whitened projector (from the first, at most, 100
+        cached images); a restored checkpoint overwrites them."""
         cfg = self.cfg.language
-        self.asked = None
-        if cfg.asked_weight:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.seed + 2)
-                heads = AskedHeads(self.config.text_config.hidden_size).to(self.device)
-            self.asked = AskedConfig(heads, cfg.asked_layer, cfg.asked_weight)
-        self.bind = None
-        if cfg.bind_weight:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.seed + 3)
-                heads = BindHeads(self.config.text_config.hidden_size).to(self.device)
-            self.bind = BindConfig(heads, cfg.bind_layer, cfg.bind_weight)
+        self.asked = AskedConfig(self._seeded_heads(AskedHeads, 2), cfg.asked_layer, cfg.asked_weight) \
+            if cfg.asked_weight else None
+        self.bind = BindConfig(self._seeded_heads(BindHeads, 3), cfg.bind_layer, cfg.bind_weight) \
+            if cfg.bind_weight else None
         if cfg.whiten_projector:
             sample = torch.cat([f.flatten(0, 1) for f in features[:100]]).to(self.device, torch.float32)  # [M, C]
             whiten_projector(self.model.model.multi_modal_projector, sample)
