@@ -431,6 +431,7 @@ class TinyTrainer:
         cfg = self.cfg.language
         tokenizer, scenes, objects = self.processor.tokenizer, self.stage2_scenes, self.stage2_objects
         patches = objects[0].shape[1]
+        bind = self.bind if real else None
 
         def step_loss(step: int) -> tuple[torch.Tensor, str]:
             rng = random.Random(f"{salt}:{self.cfg.seed}:{step}")  # each step's batch depends on its index only
@@ -439,7 +440,6 @@ class TinyTrainer:
                                      cfg.max_turns, cfg.independent_turns, paste)
                         for j in (rng.randrange(cfg.images) for _ in range(batch))]
             images = [tokens_of(e.image, e.patches[e.keep]) for e in examples]
-            bind = self.bind if real else None
             labels = None if bind is None else [box_token_labels(self.stage2_symbols[e.image], e.patches[e.keep])
                                                 for e in examples]
             loss, parts = conversation_loss(self.model, images, [e.conversation for e in examples], self.asked,

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from models.training.conversation import ASKED, IGNORE, Conversation
 from benchmarks.hires_detail import DIGITS
 from models.training.labels import COLORS, KINDS, PRESENCE_CLASSES, ViewLabels
+from models.training.symbolic import PatchSymbols
 
 
 class VisionHeads(nn.Module):
@@ -168,13 +169,9 @@ class BindHeads(nn.Module):
         return (F.cross_entropy(self.color(hidden), labels[:, 0]) + F.cross_entropy(self.digit(hidden), labels[:, 1])) / 2
 
 
-def box_token_labels(symbols, sources: torch.Tensor) -> torch.Tensor:
+def box_token_labels(symbols: PatchSymbols, sources: torch.Tensor) -> torch.Tensor:
     """``[n, 2]`` long (colour, digit) of the image tokens ``sources`` (``[n]`` ids among an image's
-    ``V * P``; -1 = newline): a crop patch of a digit box takes its box's, every other token ``IGNORE``.
-
-    Args:
-        symbols: the image's ``models.training.symbolic.PatchSymbols``.
-    """
+    ``V * P``; -1 = newline): a crop patch of a digit box takes its box's, every other token ``IGNORE``."""
     patches = symbols.kind.shape[1]
     index = sources.clamp(min=0)
     box = (sources >= patches) & (symbols.kind.flatten()[index] == KINDS.index("box"))  # [n]: crops only
