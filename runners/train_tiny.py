@@ -43,7 +43,7 @@ from compressors.packing import pack_spatial, spatial_source_order
 from models.pipeline import LlavaNextPipeline
 from models.training.crops import crop_example, distractors_at, sparse_image_keep
 from models.training.data import image_tiles, language_example, training_item, vision_example
-from models.training.diagnostics import ThumbnailOnly, cls_attention_share
+from models.training.diagnostics import ThumbnailOnly, benchmark_accuracy, cls_attention_share
 from models.training.labels import view_labels
 from models.training.model import build_untrained, save_pretrained
 from models.training.symbolic import PatchSymbols, SymbolIds, alignment_loss, symbolic_views
@@ -569,15 +569,11 @@ class TinyTrainer:
                                      "num_samples": self.cfg.val_samples})
         pipeline = LlavaNextPipeline(self.model.eval(), self.processor)
         task = self._task(f"validation: {label}", len(benchmark), 0)
-        records = []
         began = time.perf_counter()
-        for sample in benchmark:
-            result = pipeline.generate(sample.image, sample.question, compressor, benchmark.max_new_tokens)
-            records.append({**benchmark.score(result.text, sample), "meta": sample.meta})
-            accuracy = 100 * sum(r["score"] for r in records) / len(records)
-            self.progress.update(task, advance=1, status=f"acc {accuracy:.1f}%")
+        accuracy = benchmark_accuracy(pipeline, benchmark, compressor, lambda acc: self.progress.update(
+            task, advance=1, status=f"acc {acc:.1f}%"))
         self._timed("validation", began)
-        return benchmark.aggregate(records)
+        return accuracy
 
     # -- all of it ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -43,6 +43,9 @@ from models.training.model import build_untrained, task_corpus
 from compressors.packing import pack_spatial, spatial_source_order
 from models.training.crops import crop_example, crop_scene, distractors_at, paste_boxes, sparse_image_keep
 from models.training.data import language_example, training_item
+from models.training.diagnostics import ThumbnailOnly, benchmark_accuracy
+from compressors.base import VisionInput
+from compressors.geometry import AnyResLayout
 from models.training.stages import (
     BindConfig,
     BindHeads,
@@ -449,6 +452,41 @@ def test_a_padded_crop_batch_scores_like_each_sequence_alone(untrained):
         alone = [conversation_loss(model, [r], [e.conversation])[0] for r, e in zip(rows, examples)]
     answers = torch.tensor([len(e.conversation.targets) for e in examples], dtype=torch.float32)
     assert torch.allclose(batch, (torch.stack(alone) * answers).sum() / answers.sum(), atol=1e-5)
+
+
+def test_thumbnail_only_keeps_the_thumbnail_and_the_newlines_and_no_crop_token():
+    """The card's and the README's thumbnail-only accuracy: by definition the segment is the thumbnail's
+    576 tokens in order, then every newline the whole segment has; no crop token."""
+    layout = AnyResLayout(2, 2, 24, (480, 640))  # a padded canvas: fewer newline rows than 48
+    features = torch.randn(layout.num_tiles, 576, 8, generator=torch.Generator().manual_seed(0))  # [T, P, D]
+    newline = torch.full((8,), 7.0)
+    out = ThumbnailOnly().compress_vision(VisionInput(features=features, layout=layout, newline=newline))
+    newlines = int((spatial_source_order(layout) < 0).sum())
+    assert out.num_newlines == newlines and out.embeds.shape == (576 + newlines, 8)
+    assert torch.equal(out.embeds[:576], features[0])
+    assert bool((out.embeds[576:] == newline).all())
+
+
+def test_benchmark_accuracy_scores_every_answer_per_type():
+    """A stand-in pipeline answers the first three of eight val questions right and the rest "no
+    idea": the accuracy and each type's are counted here from the samples' own answers."""
+    benchmark = build_benchmark({"name": "hires_detail", "split": "val", "num_samples": 8})
+    samples = list(benchmark)
+    right = {sample.id for sample in samples[:3]}
+
+    class Answers:
+        def generate(self, image, question, compressor, max_new_tokens):
+            sample = next(s for s in samples if s.question == question and s.image == image)
+            return type("Result", (), {"text": sample.answers[0] if sample.id in right else "no idea"})()
+
+    seen = []
+    accuracy = benchmark_accuracy(Answers(), benchmark, ThumbnailOnly(), seen.append)
+    assert accuracy["accuracy"] == pytest.approx(100 * 3 / 8) and seen[-1] == pytest.approx(100 * 3 / 8)
+    assert len(seen) == 8
+    for category in {s.meta["category"] for s in samples}:
+        mine = [s for s in samples if s.meta["category"] == category]
+        expected = 100 * sum(s.id in right for s in mine) / len(mine)
+        assert accuracy[f"accuracy/{category}"] == pytest.approx(expected)
 
 
 # -- training ------------------------------------------------------------------------------------------

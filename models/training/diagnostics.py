@@ -4,9 +4,17 @@
   falls on patches that show an object, beside the share of such patches (uniform attention);
 * ``ThumbnailOnly``: drops every crop token (the thumbnail and the row newlines stay), so the val
   accuracy without crops shows how much of the task the 336 px thumbnail alone answers.
+
+``python -m models.training.diagnostics --num-samples 500`` scores the shipped weights on val with
+the thumbnail alone and uncompressed (the README's figures).
 """
 
 from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -48,3 +56,40 @@ def cls_attention_share(model, processor, scenes: list[Scene]) -> dict[str, floa
         share += float(objects.float().mean(-1).sum())
         views += attention.shape[0]
     return {"cls_attention_on_object_patches": on_objects / views, "object_patch_share": share / views}
+
+
+@torch.no_grad()
+def benchmark_accuracy(pipeline, benchmark, compressor: Compressor,
+                       on_sample: Callable[[float], None] | None = None) -> dict[str, float]:
+    """``benchmark.aggregate`` of the pipeline's answers to every sample with ``compressor``;
+    ``on_sample(accuracy so far, %)`` after each (a progress bar)."""
+    records = []
+    for sample in benchmark:
+        result = pipeline.generate(sample.image, sample.question, compressor, benchmark.max_new_tokens)
+        records.append({**benchmark.score(result.text, sample), "meta": sample.meta})
+        if on_sample is not None:
+            on_sample(100 * sum(r["score"] for r in records) / len(records))
+    return benchmark.aggregate(records)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks import build_benchmark
+    from compressors import build_compressor
+    from models import build_pipeline
+    from models.training.card import WEIGHTS
+
+    parser = argparse.ArgumentParser(description="Accuracy of tiny_trained with the thumbnail alone and uncompressed.")
+    parser.add_argument("--weights", default=str(WEIGHTS))
+    parser.add_argument("--split", default="val", choices=("train", "val", "test"))
+    parser.add_argument("--num-samples", type=int, default=500)
+    args = parser.parse_args(argv)
+    pipeline = build_pipeline({"loader": "local", "path": str(Path(args.weights)), "dtype": "float32",
+                               "device_map": "cpu", "prompt_format": "vicuna_v1"})
+    benchmark = build_benchmark({"name": "hires_detail", "split": args.split, "num_samples": args.num_samples})
+    for label, compressor in (("thumbnail_only", ThumbnailOnly()), ("none", build_compressor({"name": "none"}))):
+        print(label, json.dumps({k: round(v, 1) for k, v in benchmark_accuracy(pipeline, benchmark, compressor).items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
